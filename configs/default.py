@@ -1,0 +1,88 @@
+"""Shared defaults: mfeat, a Fourier+pixel teacher, a Fourier student. Variants import this."""
+import ml_collections
+
+from mmkd_jax import data
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Job: 'teacher' (train the teacher), 'student' (baseline student) or 'distill' (the full comparison).
+  config.job = 'distill'
+  # Seed of the teacher and of single runs; student seeds of the comparison are in config.report.seeds.
+  config.seed = 0
+
+  # Dataset: name ('mfeat', 'synthetic', ...), data_dir, manual_dir and per-dataset options.
+  config.data = data.default_data_config('mfeat')
+
+  config.teacher = ml_collections.ConfigDict()
+  # Comma-separated modalities the teacher fuses (two or more), each cross-attending to the others.
+  config.teacher.modalities = 'fou,pix'
+  # Model width, attention heads and MLP expansion.
+  config.teacher.width = 64
+  config.teacher.num_heads = 4
+  config.teacher.mlp_ratio = 4
+  # Cross-attention blocks per modality stream, then self-attention blocks after fusion.
+  config.teacher.num_cross_layers = 2
+  config.teacher.num_self_layers = 0
+  config.teacher.dropout_rate = 0.1
+
+  config.student = ml_collections.ConfigDict()
+  # The one modality the student sees (the weak Fourier view by default).
+  config.student.modality = 'fou'
+  config.student.width = 64
+  config.student.num_heads = 4
+  config.student.mlp_ratio = 4
+  config.student.num_layers = 2
+  config.student.dropout_rate = 0.1
+
+  config.distill = ml_collections.ConfigDict()
+  # Distillation terms 'level:method:weight,...'; levels: logits, pooled, hidden, attention;
+  # methods: kl, mse, l1, cosine, attention_transfer, relational, contrastive, dkd.
+  config.distill.terms = 'logits:kl:1.0'
+  # Weight of the task loss next to the distillation terms.
+  config.distill.task_weight = 1.0
+  # Teacher->student layer map for hidden/attention levels, 'student:teacher,...' (0-based); '' = spread evenly.
+  config.distill.layer_map = ''
+  # Learn a linear map from the student's width to the teacher's where they differ (hidden, pooled).
+  config.distill.projection = True
+  # Directory of the teacher run; '' = <workdir>/teacher (trained there first if missing).
+  config.distill.teacher_dir = ''
+  # Keyword arguments of each method (config.distill.hparams.<method>.<name>).
+  config.distill.hparams = ml_collections.ConfigDict({
+      'kl': {'temperature': 4.0},
+      'dkd': {'temperature': 4.0, 'alpha': 1.0, 'beta': 8.0},
+      'contrastive': {'temperature': 0.1},
+      'relational': {'distance_weight': 1.0, 'angle_weight': 2.0},
+  })
+
+  config.train = ml_collections.ConfigDict()
+  # Global batch size (split over all devices) and the batch size of evaluation passes.
+  config.train.batch_size = 64
+  config.train.eval_batch_size = 100
+  # Budget: optimizer steps per run, the same for every arm.
+  config.train.num_steps = 600
+  # Optimizer ('adamw', 'adam', 'sgd'), peak learning rate, weight decay, global-norm clipping (0 = off).
+  config.train.optimizer = 'adamw'
+  config.train.learning_rate = 1e-3
+  config.train.weight_decay = 1e-4
+  config.train.grad_clip = 1.0
+  # Learning-rate schedule ('cosine', 'constant', 'linear') after a linear warm-up.
+  config.train.schedule = 'cosine'
+  config.train.warmup_steps = 50
+  # Compute dtype of the models ('float32' or 'bfloat16'; parameters and losses stay float32).
+  config.train.compute_dtype = 'float32'
+  # Progress line / TensorBoard every log_every steps; validation + checkpoint every eval_every steps.
+  config.train.log_every = 100
+  config.train.eval_every = 100
+
+  config.report = ml_collections.ConfigDict()
+  # Student seeds of the comparison (comma-separated): mean +- std over them in the report.
+  config.report.seeds = '0,1,2'
+  # Latency: median of this many jitted forward calls on a batch of this size.
+  config.report.latency_batch_size = 100
+  config.report.latency_repeats = 50
+
+  config.mesh = ml_collections.ConfigDict()
+  # Devices on the 'model' mesh axis (reserved; 1 = pure data parallelism over all devices).
+  config.mesh.model = 1
+  return config

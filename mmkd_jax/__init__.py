@@ -1,0 +1,1 @@
+"""mmkd_jax: multimodal-to-unimodal knowledge distillation in JAX/Flax."""

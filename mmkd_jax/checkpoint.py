@@ -1,0 +1,55 @@
+"""Orbax checkpoints of a run: the train state, the data iterator position and eval metrics.
+
+Each run directory keeps two checkpoints: the latest (to resume) and the best by the
+validation score (to evaluate and to serve as a teacher). Orbax writes to a temporary
+directory and renames it when complete, so a killed run never leaves a half-written one.
+"""
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+SCORE = 'score'  # key of the higher-is-better validation score stored with each checkpoint
+
+
+def create_manager(directory: str) -> ocp.CheckpointManager:
+  """A manager in `directory` that keeps the latest and the best-scoring checkpoint."""
+  best = checkpoint_managers.BestN(get_metric_fn=lambda m: m[SCORE], reverse=False, n=1,
+                                   keep_checkpoints_without_metrics=False)
+  options = ocp.CheckpointManagerOptions(
+      best_fn=lambda m: m[SCORE], best_mode='max', create=True,
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(
+          [checkpoint_managers.LatestN(n=1), best]))
+  return ocp.CheckpointManager(os.path.abspath(directory), item_names=('state', 'data'), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
+         metrics: dict[str, float]) -> None:
+  """Saves state, iterator position and metrics (which must hold SCORE) at `step`."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=ocp.args.JsonSave(data_state)),
+               metrics={k: float(v) for k, v in metrics.items()})
+  manager.wait_until_finished()
+
+
+def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
+  """Restores (state shaped like `target`, iterator state) saved at `step`."""
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                            data=ocp.args.JsonRestore()))
+  return restored['state'], restored['data']
+
+
+def restore_params(directory: str, target: Any) -> tuple[Any, dict[str, float]]:
+  """Best checkpoint's `params` of a finished run in `directory`, with its metrics.
+
+  `target` is an abstract (or concrete) train state giving the tree structure.
+  """
+  manager = create_manager(directory)
+  step = manager.best_step()
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {directory}')
+  state, _ = restore(manager, step, target)
+  metrics = dict(manager.metrics(step) or {})
+  manager.close()
+  return state.params, metrics

@@ -1,0 +1,322 @@
+"""Training and evaluation jobs: teacher, baseline student, and the distillation comparison.
+
+`train_and_evaluate(config, workdir)` runs `config.job`:
+  - 'teacher': train the multimodal teacher in `workdir`.
+  - 'student': train the unimodal student without distillation (the baseline).
+  - 'distill': the main job: train the teacher if its checkpoint is missing, then for every
+    seed in `config.report.seeds` the baseline and the distilled student with the same
+    budget, evaluate all on the test split and write report.json / report.md.
+"""
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+from clu import metrics as clu_metrics
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
+import optax
+from tensorboardX import SummaryWriter
+
+from mmkd_jax import checkpoint, data, distill, evaluate, report, validation
+from mmkd_jax.data import pipeline
+from mmkd_jax.models import MODELS
+from mmkd_jax.registry import Registry
+
+Array = Any
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry('optimizer')
+OPTIMIZERS.register('adamw')(lambda lr, wd: optax.adamw(lr, weight_decay=wd))
+OPTIMIZERS.register('adam')(lambda lr, wd: optax.adam(lr))
+OPTIMIZERS.register('sgd')(lambda lr, wd: optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9)))
+SCHEDULES: Registry[Callable[[float, int, int], optax.Schedule]] = Registry('schedule')
+SCHEDULES.register('cosine')(lambda lr, warmup, total: optax.warmup_cosine_decay_schedule(
+    0.0, lr, warmup, max(total, warmup + 1)))
+SCHEDULES.register('constant')(lambda lr, warmup, total: optax.join_schedules(
+    [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]))
+SCHEDULES.register('linear')(lambda lr, warmup, total: optax.join_schedules(
+    [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, max(total - warmup, 1))], [warmup]))
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What one finished training run hands to the report."""
+  params: Any  # {'model': ..., 'projector': ...} at the best validation checkpoint
+  model: nn.Module
+  validation: dict[str, float]
+  test: dict[str, float]
+  num_params: int
+
+
+def create_model(config: ml_collections.ConfigDict, info: data.TaskInfo, role: str) -> nn.Module:
+  """The teacher or student Flax module described by `config.<role>`."""
+  section = config[role]
+  common = dict(num_outputs=info.num_outputs, width=section.width, num_heads=section.num_heads,
+                mlp_ratio=section.mlp_ratio, dropout_rate=section.dropout_rate,
+                dtype=jnp.dtype(config.train.compute_dtype))
+  if role == 'teacher':
+    return MODELS.get('teacher')(modalities=validation.teacher_modalities(config), num_cross_layers=section.num_cross_layers,
+                                 num_self_layers=section.num_self_layers, **common)
+  return MODELS.get('student')(modality=section.modality, num_layers=section.num_layers, **common)
+
+
+def dummy_batch(info: data.TaskInfo, modalities: list[str], batch_size: int = 2) -> dict[str, np.ndarray]:
+  """A zero batch with the dataset's shapes, for initialisation and shape checks."""
+  batch = {'weight': np.ones((batch_size,), np.float32), 'label': np.zeros((batch_size,), np.int32)}
+  for m in modalities:
+    length, width = info.modalities[m]
+    batch[m] = np.zeros((batch_size, length, width), np.float32)
+    batch[f'{m}_mask'] = np.ones((batch_size, length), bool)
+  return batch
+
+
+def count_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def task_loss(task: str, outputs: Array, labels: Array, weight: Array) -> Array:
+  """Cross-entropy (classification), L1 (regression) or per-label sigmoid BCE (multilabel)."""
+  if task == 'classification':
+    rows = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+  elif task == 'regression':
+    rows = jnp.abs(outputs.reshape(labels.shape) - labels)
+  else:
+    rows = jnp.mean(optax.sigmoid_binary_cross_entropy(outputs, labels.astype(jnp.float32)), axis=-1)
+  return jnp.sum(rows * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  train = config.train
+  schedule = SCHEDULES.get(train.schedule)(train.learning_rate, train.warmup_steps, train.num_steps)
+  tx = OPTIMIZERS.get(train.optimizer)(schedule, train.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(train.grad_clip), tx) if train.grad_clip > 0 else tx
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+  """Everything the train step needs to distill from a frozen teacher."""
+  teacher: nn.Module
+  terms: tuple[distill.Term, ...]
+  hparams: dict
+  layer_map: tuple[tuple[int, int], ...]
+  task_weight: float
+
+
+def distillation_pairs(model: nn.Module, dist: Distillation, student_params: Any, teacher_params: Any,
+                           batch: dict, *, train: bool, rng: Array | None = None):
+  """Student outputs, and the distillation pairs between student and (frozen) teacher taps."""
+  rngs = {'dropout': rng} if train else {}
+  outputs, taps = model.apply({'params': student_params}, batch, train=train, rngs=rngs)
+  _, teacher_taps = dist.teacher.apply({'params': teacher_params}, batch, train=False)
+  context = distill.LevelContext(model.modality, batch[f'{model.modality}_mask'].astype(jnp.float32),
+                                 batch['weight'], dist.layer_map)
+  return outputs, distill.collect_pairs(dist.terms, taps, teacher_taps, context)
+
+
+def distill_metric_name(term: distill.Term) -> str:
+  return f'distill_{term.level}_{term.method}'
+
+
+def metric_names(task: str, dist: Distillation | None) -> list[str]:
+  names = ['loss', 'task_loss', 'grad_norm', 'param_norm']
+  names += ['accuracy'] if task == 'classification' else []
+  names += [distill_metric_name(t) for t in dist.terms] if dist else []
+  return names
+
+
+def make_train_step(model: nn.Module, task: str, tx: optax.GradientTransformation,
+                    dist: Distillation | None) -> Callable:
+  """The pure step `(state, batch, rng, teacher_params) -> (state, metrics)`.
+
+  Only `state.params` (student/teacher model + distillation projector) is differentiated;
+  the teacher's params are a separate input under stop_gradient.
+  """
+  metrics_cls = clu_metrics.Collection.create(
+      **{name: clu_metrics.Average.from_output(name) for name in metric_names(task, dist)})
+
+  def loss_fn(params, batch, rng, teacher_params):
+    if dist is None:
+      outputs, _ = model.apply({'params': params['model']}, batch, train=True, rngs={'dropout': rng})
+      loss = task_loss(task, outputs, batch['label'], batch['weight'])
+      return loss, (outputs, {'task_loss': loss})
+    outputs, pairs = distillation_pairs(model, dist, params['model'], teacher_params, batch, train=True, rng=rng)
+    if params['projector']:
+      pairs = distill.Projector(projection_widths_of(params['projector'])).apply(
+          {'params': params['projector']}, pairs)
+    losses = distill.distillation_losses(dist.terms, pairs, dist.hparams, batch['label'])
+    base = task_loss(task, outputs, batch['label'], batch['weight'])
+    total = dist.task_weight * base + sum(t.weight * losses[t.name] for t in dist.terms)
+    return total, (outputs, {'task_loss': base, **{distill_metric_name(t): losses[t.name] for t in dist.terms}})
+
+  def train_step(state, batch, rng, teacher_params=None):
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, (outputs, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, rng, teacher_params)
+    state = state.apply_gradients(grads=grads)
+    values = {'loss': loss, **parts, 'grad_norm': optax.global_norm(grads),
+              'param_norm': optax.global_norm(state.params)}
+    if task == 'classification':
+      values['accuracy'] = jnp.sum((outputs.argmax(-1) == batch['label']) * batch['weight']) / jnp.sum(batch['weight'])
+    return state, metrics_cls.single_from_model_output(**values)
+
+  return train_step
+
+
+def projection_widths_of(projector_params: dict) -> dict[str, int]:
+  """Pair name -> output width, read back from the projector's parameters."""
+  return {name: p['kernel'].shape[-1] for name, p in projector_params.items()}
+
+
+def create_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """A ('data', 'model') mesh over all devices; the batch is split on 'data'."""
+  model_size = config.mesh.model
+  return jax.make_mesh((jax.device_count() // model_size, model_size), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: int, builder: Any,
+              info: data.TaskInfo, teacher: tuple[nn.Module, Any] | None = None,
+              terms: tuple[distill.Term, ...] = ()) -> RunResult:
+  """Trains one model (resuming from `run_dir` if it holds a checkpoint) and evaluates it.
+
+  With `teacher` = (module, params) and `terms`, the student is distilled from the teacher.
+  """
+  os.makedirs(run_dir, exist_ok=True)
+  mesh = create_mesh(config)
+  data_sharding = NamedSharding(mesh, PartitionSpec('data'))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  put = lambda batch: jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
+  model = create_model(config, info, role)
+  modalities = list(model.modalities) if role == 'teacher' else [model.modality]
+  if teacher is not None:
+    modalities = list(dict.fromkeys(modalities + list(teacher[0].modalities)))
+  rng = jax.random.key(seed)
+  init_rng, projector_rng, step_rng = jax.random.split(rng, 3)
+  sample = dummy_batch(info, modalities)
+  params = {'model': model.init(init_rng, sample)['params'], 'projector': {}}
+  dist = None
+  if teacher is not None:
+    student_depth = model.num_layers
+    teacher_depth = teacher[0].num_cross_layers + teacher[0].num_self_layers
+    dist = Distillation(teacher[0], terms, validation.method_hparams(config),
+                        distill.resolve_layer_map(config.distill.layer_map, student_depth, teacher_depth),
+                        config.distill.task_weight)
+    _, pairs = jax.eval_shape(functools.partial(distillation_pairs, model, dist, train=False),
+                              params['model'], teacher[1], sample)
+    widths = distill.projection_widths(pairs)
+    if widths and config.distill.projection:
+      concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pairs)
+      params['projector'] = distill.Projector(widths).init(projector_rng, concrete)['params']
+  tx = create_optimizer(config)
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  state = jax.device_put(state, replicated)
+  teacher_params = jax.device_put(teacher[1], replicated) if teacher else None
+
+  train_iter = pipeline.train_iterator(builder, modalities, config.train.batch_size // jax.process_count(), seed,
+                                       shard_index=jax.process_index(), shard_count=jax.process_count())
+  manager = checkpoint.create_manager(os.path.join(run_dir, 'checkpoints'))
+  if manager.latest_step() is not None:
+    state, data_state = checkpoint.restore(manager, manager.latest_step(), state)
+    train_iter.set_state(data_state)
+    logging.info('%s: resumed at step %d', run_dir, int(state.step))
+
+  step_fn = jax.jit(make_train_step(model, info.task, tx, dist), donate_argnums=0)
+  predict_fn = jax.jit(lambda p, b: model.apply({'params': p['model']}, b)[0])
+  eval_split = lambda split: evaluate.compute_metrics(info.task, *evaluate.predict(
+      predict_fn, state.params, pipeline.eval_batches(builder, split, modalities, config.train.eval_batch_size), put))
+
+  writer = SummaryWriter(run_dir) if jax.process_index() == 0 else None
+  name = os.path.relpath(run_dir, os.path.dirname(os.path.dirname(run_dir)))
+  num_steps = config.train.num_steps
+  start_step = int(state.step)
+  accumulated, start_time = None, time.perf_counter()
+  for step in range(start_step + 1, num_steps + 1):
+    batch = put(next(train_iter))
+    state, step_metrics = step_fn(state, batch, step_rng, teacher_params)
+    accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
+    is_last = step == num_steps
+    if step % config.train.log_every == 0 or is_last:
+      values = {k: float(v) for k, v in accumulated.compute().items()}
+      accumulated = None
+      elapsed = time.perf_counter() - start_time
+      rate = (step - start_step) / elapsed
+      logging.info('[%s] step %d/%d loss %.4f%s | %.1f steps/s | ETA %s', name, step, num_steps, values['loss'],
+                   f" acc {values['accuracy']:.3f}" if 'accuracy' in values else '', rate,
+                   format_eta((num_steps - step) / rate))
+      if writer:
+        for key, value in values.items():
+          writer.add_scalar(f'train/{key}', value, step)
+    if step % config.train.eval_every == 0 or is_last:
+      values = eval_split('validation')
+      values[checkpoint.SCORE] = evaluate.score(info.task, values)
+      if writer:
+        for key, value in values.items():
+          writer.add_scalar(f'validation/{key}', value, step)
+      checkpoint.save(manager, step, state, train_iter.get_state(), values)
+  if writer:
+    writer.close()
+
+  best_step = manager.best_step()
+  state, _ = checkpoint.restore(manager, best_step, state)
+  validation_metrics = dict(manager.metrics(best_step))
+  manager.close()
+  test_metrics = eval_split('test')
+  logging.info('[%s] best validation step %d: %s; test: %s', name, best_step,
+               json.dumps({k: round(v, 4) for k, v in validation_metrics.items()}),
+               json.dumps({k: round(v, 4) for k, v in test_metrics.items()}))
+  return RunResult(state.params, model, validation_metrics, test_metrics, count_params(state.params['model']))
+
+
+def latency(model: nn.Module, params: Any, info: data.TaskInfo, config: ml_collections.ConfigDict) -> float:
+  """Median seconds of one jitted forward pass on a batch of `config.report.latency_batch_size`."""
+  modalities = list(model.modalities) if isinstance(model, MODELS.get('teacher')) else [model.modality]
+  batch = jax.tree.map(jnp.asarray, dummy_batch(info, modalities, config.report.latency_batch_size))
+  fn = jax.jit(lambda p, b: model.apply({'params': p}, b)[0])
+  return evaluate.measure_latency(fn, params['model'], batch, config.report.latency_repeats)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs `config.job` in `workdir` (see the module docstring) and returns its results."""
+  validation.check_config(config)
+  builder = data.load_builder(config.data)
+  info = data.task_info(builder)
+  validation.check_against_data(config, info)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  if config.job in ('teacher', 'student'):
+    result = train_run(config, config.job, workdir, config.seed, builder, info)
+    return {'validation': result.validation, 'test': result.test, 'params': result.num_params}
+
+  teacher_dir = config.distill.teacher_dir or os.path.join(workdir, 'teacher')
+  teacher = train_run(config, 'teacher', teacher_dir, config.seed, builder, info)
+  terms = distill.parse_terms(config.distill.terms)
+  runs = {'student': [], 'distilled': []}
+  for seed in validation.seeds(config):
+    runs['student'].append(train_run(config, 'student', os.path.join(workdir, 'student', f'seed_{seed}'),
+                                     seed, builder, info))
+    runs['distilled'].append(train_run(config, 'student', os.path.join(workdir, 'distilled', f'seed_{seed}'),
+                                       seed, builder, info, teacher=(teacher.model, teacher.params['model']),
+                                       terms=terms))
+  results = report.build(
+      config, info,
+      teacher=teacher, students=runs['student'], distilled=runs['distilled'],
+      teacher_latency=latency(teacher.model, teacher.params, info, config),
+      student_latency=latency(runs['student'][0].model, runs['student'][0].params, info, config))
+  report.write(results, workdir)
+  logging.info('report written to %s', os.path.join(workdir, 'report.md'))
+  return results

@@ -1,0 +1,99 @@
+"""Config checks that run before any data is read or anything compiles.
+
+Each failure is a one-line `ValueError` naming the config key, the bad value and what
+is allowed.
+"""
+import ml_collections
+
+from mmkd_jax import data, distill
+
+JOBS = ('teacher', 'student', 'distill')
+WIDTH_AGNOSTIC_METHODS = ('attention_transfer', 'relational')
+
+
+def teacher_modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return tuple(m.strip() for m in config.teacher.modalities.split(',') if m.strip())
+
+
+def seeds(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  try:
+    return tuple(int(s) for s in str(config.report.seeds).split(',') if s.strip())
+  except ValueError:
+    raise ValueError(f'config.report.seeds={config.report.seeds!r}: expected comma-separated integers '
+                     "such as '0,1,2'") from None
+
+
+def method_hparams(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  return {method: dict(values) for method, values in config.distill.hparams.items()}
+
+
+def _positive(config: ml_collections.ConfigDict, path: str, allow_zero: bool = False) -> None:
+  value = config
+  for key in path.split('.'):
+    value = value[key]
+  if not (value >= 0 if allow_zero else value > 0):
+    raise ValueError(f'config.{path}={value!r} must be {">= 0" if allow_zero else "> 0"}')
+
+
+def _choice(path: str, value: str, choices) -> None:
+  if value not in choices:
+    raise ValueError(f'config.{path}={value!r} is unknown; valid choices: {", ".join(choices)}')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks names, sizes and distillation terms that need no dataset."""
+  from mmkd_jax import train  # the optimizer and schedule registries live with the loop
+  _choice('job', config.job, JOBS)
+  _choice('data.name', config.data.name, data.DATASETS.names())
+  _choice('train.optimizer', config.train.optimizer, train.OPTIMIZERS.names())
+  _choice('train.schedule', config.train.schedule, train.SCHEDULES.names())
+  _choice('train.compute_dtype', config.train.compute_dtype, ('float32', 'bfloat16'))
+  for path in ('teacher.width', 'teacher.num_heads', 'teacher.num_cross_layers', 'teacher.mlp_ratio',
+               'student.width', 'student.num_heads', 'student.num_layers', 'student.mlp_ratio',
+               'train.batch_size', 'train.eval_batch_size', 'train.num_steps', 'train.learning_rate',
+               'train.log_every', 'train.eval_every', 'report.latency_batch_size', 'report.latency_repeats',
+               'mesh.model'):
+    _positive(config, path)
+  for path in ('teacher.num_self_layers', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip',
+               'teacher.dropout_rate', 'student.dropout_rate', 'distill.task_weight'):
+    _positive(config, path, allow_zero=True)
+  for role in ('teacher', 'student'):
+    if config[role].width % config[role].num_heads:
+      raise ValueError(f'config.{role}.width={config[role].width} is not divisible by '
+                       f'config.{role}.num_heads={config[role].num_heads}')
+  if len(teacher_modalities(config)) < 2:
+    raise ValueError(f'config.teacher.modalities={config.teacher.modalities!r}: the teacher needs at least '
+                     'two comma-separated modalities')
+  seeds(config)
+  if config.job == 'distill':
+    terms = distill.parse_terms(config.distill.terms)
+    if not terms:
+      raise ValueError("config.distill.terms is empty; give at least one 'level:method:weight' entry")
+    distill.validate_hparams(method_hparams(config))
+    student_depth, teacher_depth = config.student.num_layers, config.teacher.num_cross_layers + config.teacher.num_self_layers
+    distill.resolve_layer_map(config.distill.layer_map, student_depth, teacher_depth)  # raises if out of range
+    teacher_widths = {'hidden': config.teacher.width,
+                      'pooled': config.teacher.width * len(teacher_modalities(config))}
+    for term in terms:
+      width = teacher_widths.get(term.level, config.student.width)
+      if (not config.distill.projection and width != config.student.width
+          and term.method not in WIDTH_AGNOSTIC_METHODS):
+        raise ValueError(f'config.distill.projection=False but {term.name!r} compares student width '
+                         f'{config.student.width} with teacher width {width}; enable the projection, make '
+                         f'the widths equal or use one of {", ".join(WIDTH_AGNOSTIC_METHODS)}')
+
+
+def check_against_data(config: ml_collections.ConfigDict, info: data.TaskInfo) -> None:
+  """Checks modality names and task-specific terms against the dataset."""
+  known = list(info.modalities)
+  for m in teacher_modalities(config):
+    _choice('teacher.modalities', m, known)
+  _choice('student.modality', config.student.modality, known)
+  if config.job == 'distill':
+    if config.student.modality not in teacher_modalities(config):
+      raise ValueError(f'config.student.modality={config.student.modality!r} is not one of the teacher\'s '
+                       f'modalities {config.teacher.modalities!r}: levels below the logits need its stream')
+    for term in distill.parse_terms(config.distill.terms):
+      if info.task != 'classification' and term.method in ('kl', 'dkd'):
+        raise ValueError(f'config.distill.terms: {term.name!r} needs class probabilities but the task of '
+                         f'{config.data.name!r} is {info.task}; use mse or l1 at the logits level')

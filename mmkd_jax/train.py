@@ -160,8 +160,8 @@ def make_train_step(model: nn.Module, task: str, tx: optax.GradientTransformatio
     (loss, (outputs, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, rng, teacher_params)
     state = state.apply_gradients(grads=grads)
-    values = {'loss': loss, **parts, 'grad_norm': optax.global_norm(grads),
-              'param_norm': optax.global_norm(state.params)}
+    values = {'loss': loss, **parts, 'grad_norm': optax.tree.norm(grads),
+              'param_norm': optax.tree.norm(state.params)}
     if task == 'classification':
       values['accuracy'] = jnp.sum((outputs.argmax(-1) == batch['label']) * batch['weight']) / jnp.sum(batch['weight'])
     return state, metrics_cls.single_from_model_output(**values)

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmkd_jax.data import mfeat
+from mmkd_jax.data import mult
 from mmkd_jax.data import synthetic
 from mmkd_jax.registry import Registry
 
@@ -34,12 +35,19 @@ def _synthetic(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return synthetic.Synthetic(config=builder_config, **_builder_kwargs(config))
 
 
+mult.register(DATASETS)
+
+
 def default_data_config(name: str = 'mfeat') -> ml_collections.ConfigDict:
   """The data section of a training config (`config.data`) for dataset `name`."""
   config = ml_collections.ConfigDict()
   config.name = name
   config.data_dir = os.path.expanduser(os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
   config.manual_dir = ''  # Where real-data builders find files that cannot be downloaded.
+  # MulT pickles (mosi, mosei_senti, iemocap): word-aligned `*_data.pkl` (True) or `*_data_noalign.pkl`.
+  config.aligned = True
+  # MulT pickles: set the -inf values of COVAREP audio to 0, as MulT's loader does (else they are refused).
+  config.zero_audio_neg_inf = False
   config.synthetic = ml_collections.ConfigDict(synthetic.SyntheticConfig().fields())
   return config
 

@@ -1,0 +1,206 @@
+"""Tests of the cross-attention teacher and the unimodal student: shapes, masks, dropout, dtypes."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmkd_jax.models import MODELS, Student, Teacher
+
+B, W, H, C = 3, 8, 2, 5
+# modality -> (length, feature width)
+SPECS = {'a': (4, 3), 'b': (6, 5), 'c': (2, 7)}
+
+
+def _batch(modalities, seed=0):
+  """Random features with padded tail tokens; every example keeps >= 1 real token per modality."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for i, m in enumerate(modalities):
+    length, features = SPECS[m]
+    batch[m] = jnp.asarray(rng.normal(size=(B, length, features)), jnp.float32)
+    lengths = np.array([length, max(1, length - 1 - i), 1])
+    batch[f'{m}_mask'] = jnp.asarray(np.arange(length)[None] < lengths[:, None])
+  return batch
+
+
+def _teacher(modalities, **kw):
+  return Teacher(modalities=tuple(modalities), num_outputs=C, width=W, num_heads=H, num_cross_layers=2,
+                 num_self_layers=1, mlp_ratio=2, **kw)
+
+
+def _student(**kw):
+  return Student(modality='a', num_outputs=C, width=W, num_heads=H, num_layers=2, mlp_ratio=2, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _init(model):
+  """Parameters and a jitted deterministic apply, cached per model configuration."""
+  modalities = getattr(model, 'modalities', ('a',))
+  params = jax.jit(model.init)(jax.random.key(0), _batch(modalities))
+  return params, jax.jit(lambda p, batch: model.apply(p, batch))
+
+
+def _flat_params(params):
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_models_registered():
+  assert MODELS.get('teacher') is Teacher and MODELS.get('student') is Student
+
+
+@pytest.mark.parametrize('modalities', [('a', 'b'), ('a', 'b', 'c')])
+def test_teacher_shapes(modalities):
+  """Logits, pooled (N * W), per-layer hidden (B, L_m, W) and attention (B, H, L_m, L_keys)."""
+  model = _teacher(modalities)
+  params, apply = _init(model)
+  logits, taps = apply(params, _batch(modalities))
+  chex.assert_shape(logits, (B, C))
+  chex.assert_type(logits, jnp.float32)
+  assert set(taps) == {'logits', 'pooled', 'hidden', 'attn'}
+  np.testing.assert_array_equal(taps['logits'], logits)
+  chex.assert_shape(taps['pooled'], (B, len(modalities) * W))
+  assert set(taps['hidden']) == set(taps['attn']) == set(modalities)
+  for m in modalities:
+    length = SPECS[m][0]
+    others = sum(SPECS[o][0] for o in modalities if o != m)
+    assert isinstance(taps['hidden'][m], tuple) and len(taps['hidden'][m]) == 3
+    assert isinstance(taps['attn'][m], tuple) and len(taps['attn'][m]) == 3
+    chex.assert_shape(taps['hidden'][m], (B, length, W))
+    chex.assert_shape(taps['attn'][m][:2], (B, H, length, others))
+    chex.assert_shape(taps['attn'][m][2], (B, H, length, length))
+    chex.assert_tree_all_finite(taps['hidden'][m])
+
+
+def test_student_shapes():
+  """Student taps carry only its modality: hidden (B, L, W), attention (B, H, L, L), pooled W."""
+  model = _student()
+  params, apply = _init(model)
+  logits, taps = apply(params, _batch(('a', 'b')))
+  chex.assert_shape(logits, (B, C))
+  chex.assert_type(logits, jnp.float32)
+  chex.assert_shape(taps['pooled'], (B, W))
+  assert set(taps['hidden']) == set(taps['attn']) == {'a'}
+  assert len(taps['hidden']['a']) == len(taps['attn']['a']) == 2
+  chex.assert_shape(taps['hidden']['a'], (B, SPECS['a'][0], W))
+  chex.assert_shape(taps['attn']['a'], (B, H, SPECS['a'][0], SPECS['a'][0]))
+
+
+def test_student_ignores_other_modalities():
+  """Only the student's modality is read: other modalities can be changed or left out."""
+  params, apply = _init(_student())
+  batch = _batch(('a', 'b'))
+  logits, _ = apply(params, batch)
+  only_a = {'a': batch['a'], 'a_mask': batch['a_mask']}
+  np.testing.assert_allclose(apply(params, only_a)[0], logits, rtol=1e-6, atol=1e-7)
+
+
+def test_teacher_needs_two_modalities():
+  with pytest.raises(ValueError, match='two modalities'):
+    _teacher(('a',)).init(jax.random.key(0), _batch(('a',)))
+
+
+def _key_masks(modalities, batch):
+  """Stream m -> (key mask over the other modalities for cross layers, m's own mask)."""
+  return {m: (np.concatenate([np.asarray(batch[f'{o}_mask']) for o in modalities if o != m], axis=1),
+              np.asarray(batch[f'{m}_mask'])) for m in modalities}
+
+
+@pytest.mark.parametrize('kind', ['teacher2', 'teacher3', 'student'])
+def test_attention_rows_sum_to_one_and_skip_padded_keys(kind):
+  """Every attention row is a distribution that puts exactly 0 on padded keys."""
+  modalities = {'teacher2': ('a', 'b'), 'teacher3': ('a', 'b', 'c'), 'student': ('a',)}[kind]
+  model = _student() if kind == 'student' else _teacher(modalities)
+  params, apply = _init(model)
+  batch = _batch(modalities)
+  _, taps = apply(params, batch)
+  masks = _key_masks(modalities, batch) if kind != 'student' else {'a': (None, np.asarray(batch['a_mask']))}
+  for m, maps in taps['attn'].items():
+    cross_mask, self_mask = masks[m]
+    for layer, probs in enumerate(maps):
+      probs = np.asarray(probs)
+      key_mask = self_mask if kind == 'student' or layer == 2 else cross_mask
+      np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+      padded = np.broadcast_to(~key_mask[:, None, None, :], probs.shape)
+      assert padded.any()
+      assert np.all(probs[padded] == 0.0)
+      assert np.all(probs[~padded] > 0.0)
+
+
+def _scramble_padding(batch, modalities, seed=1):
+  """The batch with large random features at every padded position of every modality."""
+  rng = np.random.default_rng(seed)
+  out = dict(batch)
+  for m in modalities:
+    noise = jnp.asarray(100 * rng.normal(size=batch[m].shape), jnp.float32)
+    out[m] = jnp.where(batch[f'{m}_mask'][..., None], batch[m], noise)
+  return out
+
+
+@pytest.mark.parametrize('kind', ['teacher2', 'teacher3', 'student'])
+def test_padding_values_do_not_matter(kind):
+  """Features at padded positions change no logits, pooled or real-position hidden states."""
+  modalities = {'teacher2': ('a', 'b'), 'teacher3': ('a', 'b', 'c'), 'student': ('a',)}[kind]
+  model = _student() if kind == 'student' else _teacher(modalities)
+  params, apply = _init(model)
+  batch = _batch(modalities)
+  scrambled = _scramble_padding(batch, modalities)
+  assert not np.allclose(scrambled[modalities[-1]], batch[modalities[-1]])
+  logits, taps = apply(params, batch)
+  logits2, taps2 = apply(params, scrambled)
+  np.testing.assert_allclose(logits2, logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(taps2['pooled'], taps['pooled'], rtol=1e-5, atol=1e-6)
+  for m in taps['hidden']:
+    real = np.asarray(batch[f'{m}_mask'])
+    for h, h2 in zip(taps['hidden'][m], taps2['hidden'][m]):
+      np.testing.assert_allclose(np.asarray(h2)[real], np.asarray(h)[real], rtol=1e-5, atol=1e-6)
+      # control: the padded positions themselves do change
+      assert not np.allclose(np.asarray(h2)[~real], np.asarray(h)[~real])
+
+
+@pytest.mark.parametrize('kind', ['teacher', 'student'])
+def test_dropout_only_in_training(kind):
+  """train=True with different dropout rngs differs; train=False is deterministic and needs no rng."""
+  modalities = ('a', 'b')
+  model = (_teacher(modalities, dropout_rate=0.5) if kind == 'teacher' else _student(dropout_rate=0.5))
+  params, apply = _init(model)
+  batch = _batch(modalities)
+
+  @jax.jit
+  def train(key):
+    return model.apply(params, batch, train=True, rngs={'dropout': key})[0]
+
+  eval_logits = apply(params, batch)[0]
+  np.testing.assert_array_equal(apply(params, batch)[0], eval_logits)
+  no_rng = jax.jit(lambda p, b: model.apply(p, b, train=False)[0])
+  np.testing.assert_allclose(no_rng(params, batch), eval_logits, rtol=1e-6, atol=1e-7)
+  a, b, a_again = train(jax.random.key(1)), train(jax.random.key(2)), train(jax.random.key(1))
+  assert not np.allclose(a, b)
+  assert not np.allclose(a, eval_logits)
+  np.testing.assert_array_equal(a, a_again)
+
+
+def test_student_smaller_than_teacher():
+  """At equal width and depth the student has fewer parameters than the teacher."""
+  teacher = Teacher(modalities=('a', 'b'), num_outputs=C, width=W, num_heads=H, num_cross_layers=2,
+                    num_self_layers=0, mlp_ratio=2)
+  t_params = jax.eval_shape(teacher.init, jax.random.key(0), _batch(('a', 'b')))
+  s_params = jax.eval_shape(_student().init, jax.random.key(0), _batch(('a',)))
+  assert _flat_params(s_params) < _flat_params(t_params)
+
+
+@pytest.mark.parametrize('kind', ['teacher', 'student'])
+def test_bfloat16_runs_and_returns_float32_logits(kind):
+  """dtype=bfloat16 computes in bfloat16 but returns float32 logits close to the float32 model's."""
+  modalities = ('a', 'b')
+  make = (lambda **kw: _teacher(modalities, **kw)) if kind == 'teacher' else _student
+  batch = _batch(modalities)
+  params, apply = _init(make())
+  logits32, _ = apply(params, batch)
+  logits16, taps16 = jax.jit(lambda p, b: make(dtype=jnp.bfloat16).apply(p, b))(params, batch)
+  chex.assert_type(logits16, jnp.float32)
+  chex.assert_type(taps16['hidden']['a'][0], jnp.bfloat16)
+  chex.assert_tree_all_finite(logits16)
+  np.testing.assert_allclose(logits16, logits32, atol=0.1)

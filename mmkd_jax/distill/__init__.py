@@ -6,6 +6,7 @@ new loss is one registered function plus one entry in that string.
 """
 import dataclasses
 import inspect
+import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -47,8 +48,8 @@ def parse_terms(spec: str) -> tuple[Term, ...]:
       value = float(weight)
     except ValueError:
       raise ValueError(f'config.distill.terms: weight {weight!r} of {item!r} is not a number') from None
-    if not value > 0:
-      raise ValueError(f'config.distill.terms: weight {weight!r} of {item!r} must be > 0')
+    if not (value > 0 and math.isfinite(value)):
+      raise ValueError(f'config.distill.terms: weight {weight!r} of {item!r} must be a finite number > 0')
     term = Term(level, method, value)
     if term.name in {t.name for t in terms}:
       raise ValueError(f'config.distill.terms: {term.name!r} is listed twice')

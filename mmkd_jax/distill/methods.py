@@ -29,6 +29,11 @@ def _row_weights(x: Array, mask: Array | None) -> Array:
   return jnp.broadcast_to(mask, x.shape[:-1]).astype(jnp.float32)
 
 
+def _norm(x: Array, keepdims: bool = False) -> Array:
+  """L2 norm over the last axis with a finite gradient at zero (jnp.linalg.norm's is NaN)."""
+  return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=keepdims), 1e-16))
+
+
 def _weighted_mean(values: Array, weights: Array) -> Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
 
@@ -69,8 +74,7 @@ def cosine(student: Array, teacher: Array, mask: Array | None = None) -> Array:
   """1 - cosine similarity of each row, averaged over real rows."""
   s = student.astype(jnp.float32)
   t = teacher.astype(jnp.float32)
-  similarity = jnp.sum(s * t, axis=-1) / jnp.maximum(
-      jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1), 1e-8)
+  similarity = jnp.sum(s * t, axis=-1) / (_norm(s) * _norm(t))
   return _weighted_mean(1.0 - similarity, _row_weights(student, mask))
 
 
@@ -86,7 +90,7 @@ def attention_transfer(student: Array, teacher: Array, mask: Array | None = None
     weights = _row_weights(x, mask)
     e = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1) * weights
     e = e.reshape(x.shape[0], -1)
-    return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-8), weights
+    return e / _norm(e, keepdims=True), weights
   q_s, weights = energy(student)
   q_t, _ = energy(teacher)
   example_weights = jnp.max(weights.reshape(student.shape[0], -1), axis=1)
@@ -118,7 +122,7 @@ def relational(student: Array, teacher: Array, mask: Array | None = None,
 
   def angles(x: Array) -> Array:
     diff = x[:, None] - x[None, :]  # diff[i, j] = x_i - x_j
-    unit = diff / jnp.maximum(jnp.linalg.norm(diff, axis=-1, keepdims=True), 1e-8)
+    unit = diff / _norm(diff, keepdims=True)
     return jnp.einsum('ijd,kjd->ijk', unit, unit)  # cosine of the angle at j between i and k
 
   triple_w = w[:, None, None] * w[None, :, None] * w[None, None, :]
@@ -137,8 +141,8 @@ def contrastive(student: Array, teacher: Array, mask: Array | None = None,
   """
   s, w = _flatten_examples(student, mask)
   t, _ = _flatten_examples(teacher, mask)
-  s = s / jnp.maximum(jnp.linalg.norm(s, axis=-1, keepdims=True), 1e-8)
-  t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-8)
+  s = s / _norm(s, keepdims=True)
+  t = t / _norm(t, keepdims=True)
   logits = s @ t.T / temperature
   logits = jnp.where(w[None, :] > 0, logits, -1e9)
   rows = -jnp.diagonal(jax.nn.log_softmax(logits, axis=-1))

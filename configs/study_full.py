@@ -1,0 +1,33 @@
+"""The full study (mmkd_jax/study.py) for a real machine: every level, every method, five seeds.
+
+Students on the Fourier and the pixel views at the teacher's width and at half of it; single
+levels and the two combinations with the logits; every registered method; 1,500 steps per run.
+About 700 training runs (the budget check prints the exact count); use a GPU.
+Run: python -m mmkd_jax.study --config=configs/study_full.py --workdir=/tmp/mmkd_study_full
+"""
+import ml_collections
+
+from configs import study
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = study.get_config()
+  # Budget of every run (teacher, baselines, distilled students).
+  config.train.num_steps = 1500
+  config.train.log_every = 500
+  config.train.eval_every = 100
+  # Student modalities (comma-separated), each one of config.teacher.modalities.
+  config.study.modalities = 'fou,pix'
+  # Student widths (comma-separated): the teacher's and smaller.
+  config.study.widths = f'{config.teacher.width},{config.teacher.width // 2}'
+  # Distillation levels (comma-separated); 'a+b' is one cell with one term of weight 1 per level.
+  config.study.levels = 'logits,pooled,hidden,attention,hidden+logits,attention+logits'
+  # Every registered distillation method.
+  config.study.methods = 'all'
+  # Seeds of every student run.
+  config.study.seeds = '0,1,2,3,4'
+  # Declared budget: training runs, and minutes at minutes_per_run (one GPU).
+  config.study.max_runs = 800
+  config.study.minutes_per_run = 0.5
+  config.study.max_minutes = 480.0
+  return config

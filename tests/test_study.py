@@ -1,0 +1,163 @@
+"""The study: a 2x2 grid end to end with an interruption and resume, tables, export, bad input."""
+import csv
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import study as study_config
+from mmkd_jax import export, study, train
+from mmkd_jax.models import Student
+
+METRICS = ('accuracy', 'macro_f1')
+
+
+class Interrupted(Exception):
+  """Stands for a study killed between two cells."""
+
+
+@pytest.fixture
+def config(tiny_config):
+  """A 2x2 grid (levels x methods) on the tiny synthetic problem; hidden x kl is skipped."""
+  tiny_config.study = study_config.get_config().study
+  tiny_config.study.modalities = 'm0'
+  tiny_config.study.widths = '8'
+  tiny_config.study.levels = 'logits,hidden'
+  tiny_config.study.methods = 'kl,mse'
+  tiny_config.study.seeds = '0'
+  return tiny_config
+
+
+def _recording(calls: list, workdir: str, interrupt_at: str | None = None):
+  """A train.train_run that records the run directories it is asked for (and can fail at one)."""
+  real = train.train_run
+
+  def train_run(config, role, run_dir, *args, **kwargs):
+    name = os.path.relpath(run_dir, workdir)
+    if name == interrupt_at:
+      raise Interrupted(name)
+    calls.append(name)
+    return real(config, role, run_dir, *args, **kwargs)
+  return train_run
+
+
+def _check_tables(workdir: str) -> None:
+  with open(os.path.join(workdir, 'study.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['kind'] for r in rows] == ['teacher', 'teacher_missing', 'teacher_missing', 'baseline',
+                                       'distilled', 'distilled', 'distilled']
+  assert [r['model'] for r in rows[-3:]] == ['m0-w8-logits-kl', 'm0-w8-logits-mse', 'm0-w8-hidden-mse']
+  for row in rows:
+    assert None not in row and None not in row.values()  # every row has exactly the header's fields
+    for metric in METRICS:
+      assert 0.0 <= float(row[f'{metric}_mean']) <= 1.0
+    assert (row['gain_accuracy'] != '') == (row['kind'] == 'distilled')
+    assert (row['accuracy_std'] != '') == (row['kind'] in ('baseline', 'distilled'))
+    assert int(row['params']) > 0 and float(row['latency_ms']) > 0
+  assert rows[1]['inputs'] == 'm1' and rows[2]['inputs'] == 'm0'  # teacher with m0, then m1, removed
+  gain = float(rows[4]['accuracy_mean']) - float(rows[3]['accuracy_mean'])
+  assert float(rows[4]['gain_accuracy']) == pytest.approx(gain, abs=1e-5)
+  lines = open(os.path.join(workdir, 'study.md')).read().splitlines()
+  table = [line for line in lines if line.startswith('|')]
+  assert len(table) == 2 + len(rows)
+  assert len({line.count('|') for line in table}) == 1
+  assert '| teacher, m1 removed | m0 |' in '\n'.join(table)
+  assert any('hidden x kl' in line for line in lines)
+
+
+def test_grid_resumes_after_interruption_and_writes_tables(config, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'study')
+  calls = []
+  monkeypatch.setattr(train, 'train_run', _recording(calls, workdir, interrupt_at='runs/m0-w8-logits-mse/seed_0'))
+  with pytest.raises(Interrupted):
+    study.run_study(config, workdir)
+  assert calls == ['teacher', 'baselines/m0-w8/seed_0', 'runs/m0-w8-logits-kl/seed_0']
+  assert os.listdir(os.path.join(workdir, 'cells')) == ['m0-w8-logits-kl.json']
+  finished = open(os.path.join(workdir, 'cells', 'm0-w8-logits-kl.json')).read()
+
+  calls.clear()
+  monkeypatch.setattr(train, 'train_run', _recording(calls, workdir))
+  results = study.run_study(config, workdir)
+  # The teacher is restored (not retrained) for the two remaining cells; nothing finished runs again.
+  assert calls == ['teacher', 'runs/m0-w8-logits-mse/seed_0', 'runs/m0-w8-hidden-mse/seed_0']
+  assert open(os.path.join(workdir, 'cells', 'm0-w8-logits-kl.json')).read() == finished
+  assert results['best'] in {'m0-w8-logits-kl', 'm0-w8-logits-mse', 'm0-w8-hidden-mse'}
+  assert results['export']['latency_ms'] > 0
+  _check_tables(workdir)
+  if _has_matplotlib():
+    for name in ('heatmap', 'latency'):
+      with open(os.path.join(workdir, f'study_{name}.png'), 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  # A finished study trains nothing; without matplotlib it still writes the tables.
+  calls.clear()
+  for name in os.listdir(workdir):
+    if name.startswith('study'):
+      os.remove(os.path.join(workdir, name))
+  monkeypatch.setitem(sys.modules, 'matplotlib', None)
+  study.run_study(config, workdir)
+  assert calls == []
+  _check_tables(workdir)
+  assert not [n for n in os.listdir(workdir) if n.endswith('.png')]
+
+
+def _has_matplotlib() -> bool:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def test_exported_student_matches_the_in_memory_student(tmp_path):
+  model = Student('m0', num_outputs=3, width=8, num_heads=2, num_layers=1)
+  rng = np.random.default_rng(0)
+  batch = {'m0': rng.normal(size=(5, 6, 4)).astype(np.float32), 'm0_mask': np.arange(6) < np.array([[6], [3], [1], [6], [4]])}
+  params = model.init(jax.random.key(0), batch)['params']
+  path = str(tmp_path / 'student.npz')
+  export.export_student(model, params, (6, 4), path, metadata={'cell': 'test'})
+  loaded = export.load_exported(path)
+  assert loaded.metadata['cell'] == 'test' and loaded.modality == 'm0'
+  expected = model.apply({'params': params}, batch)[0]
+  np.testing.assert_allclose(loaded(batch), expected, rtol=1e-5, atol=1e-5)
+  # The batch size is symbolic: any batch runs.
+  small = {k: v[:2] for k, v in batch.items()}
+  np.testing.assert_allclose(loaded(small), expected[:2], rtol=1e-5, atol=1e-5)
+  # The loader needs neither the models nor the training code (nor Flax).
+  code = (f'import sys; from mmkd_jax import export; s = export.load_exported({path!r}); '
+          "import numpy as np; s({'m0': np.zeros((1, 6, 4)), 'm0_mask': np.ones((1, 6), bool)}); "
+          "bad = [m for m in sys.modules if m.startswith(('flax', 'mmkd_jax.models', 'mmkd_jax.train'))]; "
+          'assert not bad, bad')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'study.levels': ''}, 'config.study.levels is empty'),
+    ({'study.methods': 'mse,kld'}, "config.study.methods: unknown distillation method 'kld'; valid choices: all,"),
+    ({'study.levels': 'logits,hidden+logitz'}, "unknown distillation level 'logitz' in 'hidden+logitz'"),
+    ({'study.modalities': 'm7'}, "config.study.modalities: 'm7' is unknown; valid choices: m0, m1"),
+    ({'data.synthetic.num_modalities': 3, 'study.modalities': 'm2'}, "'m2' is not one of the teacher's"),
+    ({'study.widths': '8,x'}, "config.study.widths: 'x' is not an integer >= 1"),
+    ({'study.widths': '7'}, 'config.study cell m0-w7-logits-kl: config.student.width=7 is not divisible'),
+    ({'study.methods': 'dkd', 'study.levels': 'hidden'}, 'every cell of the grid is skipped'),
+    ({'study.plots': 'pie'}, "unknown plot 'pie'; valid choices: heatmap, latency"),
+    ({'study.max_runs': 4}, 'config.study.max_runs=4: the grid needs 5 training runs (3 cells x 1 seeds + 1 '
+                            'baselines x 1 seeds + 1 teacher)'),
+    ({'study.max_minutes': 1.0}, 'config.study.max_minutes=1.0: the grid needs about 3 minutes (5 runs'),
+])
+def test_bad_grids_fail_before_training(config, tmp_path, overrides, message):
+  for key, value in overrides.items():
+    *path, field = key.split('.')
+    section = config
+    for name in path:
+      section = section[name]
+    section[field] = value
+  workdir = tmp_path / 'study'
+  with pytest.raises(ValueError) as error:
+    study.run_study(config, str(workdir))
+  assert message in str(error.value)
+  assert '\n' not in str(error.value)
+  assert not workdir.exists()

@@ -10,6 +10,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.job = 'distill'
   # Seed of the teacher and of single runs; student seeds of the comparison are in config.report.seeds.
   config.seed = 0
+  # Replace runs of another config found in the workdir (otherwise such a workdir is refused).
+  config.overwrite = False
 
   # Dataset: name ('mfeat', 'synthetic', ...), data_dir, manual_dir and per-dataset options.
   config.data = data.default_data_config('mfeat')
@@ -77,6 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Progress line / TensorBoard every log_every steps; validation + checkpoint every eval_every steps.
   config.train.log_every = 100
   config.train.eval_every = 100
+  # A non-finite loss or gradient stops training (False) or skips that update and counts it (True).
+  config.train.skip_nonfinite = False
 
   config.report = ml_collections.ConfigDict()
   # Student seeds of the comparison (comma-separated): mean +- std over them in the report.

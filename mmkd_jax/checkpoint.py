@@ -4,7 +4,9 @@ Each run directory keeps two checkpoints: the latest (to resume) and the best by
 validation score (to evaluate and to serve as a teacher). Orbax writes to a temporary
 directory and renames it when complete, so a killed run never leaves a half-written one.
 """
+import json
 import os
+import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -53,3 +55,43 @@ def restore_params(directory: str, target: Any) -> tuple[Any, dict[str, float]]:
   metrics = dict(manager.metrics(step) or {})
   manager.close()
   return state.params, metrics
+
+
+def first_difference(old: Any, new: Any, path: str = '') -> str | None:
+  if isinstance(old, dict) and isinstance(new, dict):
+    for key in sorted(set(old) | set(new)):
+      found = first_difference(old.get(key), new.get(key), f'{path}.{key}' if path else key)
+      if found:
+        return found
+    return None
+  return None if old == new else f'{path} was {old!r}, now {new!r}'
+
+
+def claim_run_dir(run_dir: str, fingerprint: dict, overwrite: bool) -> None:
+  """Refuses to mix runs: `run_dir` may only hold checkpoints of the same `fingerprint`.
+
+  The fingerprint (the config that shapes the run) is stored as run.json. With `overwrite`,
+  a run of another config is deleted first.
+  """
+  path = os.path.join(run_dir, 'run.json')
+  fingerprint = json.loads(json.dumps(fingerprint))
+  if os.path.exists(path):
+    with open(path) as f:
+      difference = first_difference(json.load(f), fingerprint)
+    if difference and not overwrite:
+      raise ValueError(f'{run_dir} holds a run of another config ({difference}); use another --workdir or '
+                       'set --config.overwrite=True to replace it')
+    if difference:
+      shutil.rmtree(run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(fingerprint, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
+def read_fingerprint(run_dir: str) -> dict | None:
+  path = os.path.join(run_dir, 'run.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

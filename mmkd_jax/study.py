@@ -30,7 +30,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from mmkd_jax import data, distill, evaluate, export, train, validation
+from mmkd_jax import checkpoint, data, distill, evaluate, export, train, validation
 from mmkd_jax.data import pipeline
 from mmkd_jax.registry import Registry
 
@@ -227,15 +227,18 @@ def remove_modality(batch: dict[str, np.ndarray], modality: str) -> dict[str, np
           f'{modality}_mask': np.zeros_like(batch[f'{modality}_mask'])}
 
 
-def evaluate_without(result: train.RunResult, modality: str, builder: Any, info: data.TaskInfo,
-                     config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Test metrics of the teacher `result` when `modality` is missing at inference."""
+def evaluate_without(result: train.RunResult, builder: Any, info: data.TaskInfo,
+                     config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
+  """Test metrics of the teacher `result` with each of its modalities missing at inference."""
   model = result.model
   predict_fn = jax.jit(lambda p, b: model.apply({'params': p}, b)[0])
-  batches = (remove_modality(b, modality) for b in pipeline.eval_batches(
-      builder, 'test', list(model.modalities), config.train.eval_batch_size))
-  return evaluate.compute_metrics(info.task, *evaluate.predict(predict_fn, result.params['model'], batches,
-                                                               lambda b: b))
+  metrics = {}
+  for modality in model.modalities:
+    batches = (remove_modality(b, modality) for b in pipeline.eval_batches(
+        builder, 'test', list(model.modalities), config.train.eval_batch_size))
+    metrics[modality] = evaluate.compute_metrics(
+        info.task, *evaluate.predict(predict_fn, result.params['model'], batches, lambda b: b))
+  return metrics
 
 
 def _read_json(path: str) -> dict | None:
@@ -253,10 +256,26 @@ def _write_json(path: str, value: dict) -> None:
   os.replace(f'{path}.tmp', path)
 
 
-def _finished(path: str, seeds: tuple[int, ...]) -> dict | None:
-  """The stored result at `path` if it holds exactly `seeds`, else None (to be (re)computed)."""
+def _fingerprints(config: ml_collections.ConfigDict, role: str, seeds: tuple[int, ...],
+                  distilled: bool) -> dict[str, dict]:
+  """Seed -> `train.run_fingerprint`: the config a stored result of these runs depends on."""
+  return json.loads(json.dumps({str(s): train.run_fingerprint(config, role, s, distilled) for s in seeds}))
+
+
+def _finished(path: str, fingerprints: dict[str, dict], overwrite: bool) -> dict | None:
+  """The result stored at `path` if it comes from exactly these runs, else None (to be computed).
+
+  Other seeds (an extended grid) are recomputed: finished runs restore from their checkpoints.
+  A result of another config is refused, as `train.train_run` refuses a run directory of one.
+  """
   stored = _read_json(path)
-  return stored if stored is not None and tuple(stored['seeds']) == seeds else None
+  if stored is None or set(stored['fingerprints']) != set(fingerprints):
+    return None
+  difference = checkpoint.first_difference(stored['fingerprints'], fingerprints)
+  if difference and not overwrite:
+    raise ValueError(f'{path} holds results of another config ({difference}); use another --workdir or set '
+                     '--config.overwrite=True to recompute them')
+  return None if difference else stored
 
 
 def _train_seeds(config: ml_collections.ConfigDict, run_dir: str, seeds: tuple[int, ...], builder: Any,
@@ -265,60 +284,70 @@ def _train_seeds(config: ml_collections.ConfigDict, run_dir: str, seeds: tuple[i
                           **distillation) for seed in seeds]
 
 
+def _summary(runs: list[train.RunResult], fingerprints: dict[str, dict], start: float, **fields) -> dict:
+  """What a stored result holds: per-seed test and validation metrics, params, time, provenance."""
+  return {**fields, 'seeds': [int(s) for s in fingerprints], 'test': [r.test for r in runs],
+          'validation': [r.validation for r in runs], 'params': runs[0].num_params,
+          'seconds': time.perf_counter() - start, 'fingerprints': fingerprints}
+
+
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the study of `config.study` in `workdir` and writes its tables and plots."""
   builder = data.load_builder(config.data)
   info = data.task_info(builder)
   grid = plan(config, info)
+  if config.distill.teacher_dir:
+    train.check_teacher_dir(config, config.distill.teacher_dir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  teacher_dir = config.distill.teacher_dir or os.path.join(workdir, 'teacher')
+  teacher_path = os.path.join(workdir, 'teacher.json')
+  baseline_path = lambda student: os.path.join(workdir, 'baselines', f'{student_id(*student)}.json')
+  cell_path = lambda cell: os.path.join(workdir, 'cells', f'{cell.id}.json')
+  prints = {
+      'teacher': _fingerprints(config, 'teacher', (config.seed,), False),
+      **{s: _fingerprints(run_config(config, *s), 'student', grid.seeds, False) for s in grid.students},
+      **{c: _fingerprints(run_config(config, c.modality, c.width, c.terms), 'student', grid.seeds, True)
+         for c in grid.cells}}
+  # What is left to do, decided before anything trains (a stored result of another config fails here).
+  teacher_todo = _finished(teacher_path, prints['teacher'], config.overwrite) is None
+  students_todo = [s for s in grid.students if _finished(baseline_path(s), prints[s], config.overwrite) is None]
+  cells_todo = [c for c in grid.cells if _finished(cell_path(c), prints[c], config.overwrite) is None]
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  logging.info('study: %d cells (%d level x method pairs skipped), %d seeds: %d training runs, about %.0f minutes; finished '
-               'ones are skipped', len(grid.cells), len(grid.skipped), len(grid.seeds), grid.num_runs,
-               grid.num_runs * config.study.minutes_per_run)
-
-  teacher_dir = config.distill.teacher_dir or os.path.join(workdir, 'teacher')
-  teacher_start = time.perf_counter()
+  logging.info('study: %d cells (%d level x method pairs skipped) x %d seeds, %d training runs in all (about '
+               '%.0f minutes); left to run: %d cells, %d baselines, %s', len(grid.cells), len(grid.skipped),
+               len(grid.seeds), grid.num_runs, grid.num_runs * config.study.minutes_per_run, len(cells_todo),
+               len(students_todo), 'the teacher' if teacher_todo else 'no teacher')
 
   @functools.cache
   def teacher() -> train.RunResult:
-    return train.train_run(config, 'teacher', teacher_dir, config.seed, builder, info)
+    return train.train_run(config, 'teacher', teacher_dir, config.seed, builder, info,
+                           restore_only=bool(config.distill.teacher_dir))
 
-  teacher_path = os.path.join(workdir, 'teacher.json')
-  if _read_json(teacher_path) is None:
+  if teacher_todo:
+    start = time.perf_counter()
     result = teacher()
     _write_json(teacher_path, {
-        'modalities': list(result.model.modalities), 'width': config.teacher.width, 'dir': teacher_dir,
-        'test': result.test, 'validation': result.validation, 'params': result.num_params,
+        **_summary([result], prints['teacher'], start, modalities=list(result.model.modalities),
+                   width=config.teacher.width, dir=teacher_dir),
         'latency_ms': 1e3 * train.latency(result.model, result.params, info, config),
-        'missing': {m: evaluate_without(result, m, builder, info, config) for m in result.model.modalities},
-        'seconds': time.perf_counter() - teacher_start})
+        'missing': evaluate_without(result, builder, info, config)})
 
-  for modality, width in grid.students:
-    path = os.path.join(workdir, 'baselines', f'{student_id(modality, width)}.json')
-    if _finished(path, grid.seeds) is None:
-      start = time.perf_counter()
-      student_config = run_config(config, modality, width)
-      runs = _train_seeds(student_config, os.path.join(workdir, 'baselines', student_id(modality, width)),
-                          grid.seeds, builder, info)
-      _write_json(path, {
-          'id': student_id(modality, width), 'modality': modality, 'width': width, 'seeds': list(grid.seeds),
-          'test': [r.test for r in runs], 'validation': [r.validation for r in runs],
-          'params': runs[0].num_params,
-          'latency_ms': 1e3 * train.latency(runs[0].model, runs[0].params, info, student_config),
-          'seconds': time.perf_counter() - start})
-
-  for cell in grid.cells:
-    path = os.path.join(workdir, 'cells', f'{cell.id}.json')
-    if _finished(path, grid.seeds) is not None:
-      logging.info('study: %s is finished, skipped', cell.id)
-      continue
+  for student in students_todo:
     start = time.perf_counter()
-    terms = distill.parse_terms(cell.terms)
+    student_config = run_config(config, *student)
+    runs = _train_seeds(student_config, os.path.join(workdir, 'baselines', student_id(*student)), grid.seeds,
+                        builder, info)
+    _write_json(baseline_path(student), {
+        **_summary(runs, prints[student], start, id=student_id(*student), modality=student[0], width=student[1]),
+        'latency_ms': 1e3 * train.latency(runs[0].model, runs[0].params, info, student_config)})
+
+  for cell in cells_todo:
+    start = time.perf_counter()
     runs = _train_seeds(run_config(config, cell.modality, cell.width, cell.terms),
                         os.path.join(workdir, 'runs', cell.id), grid.seeds, builder, info,
-                        teacher=(teacher().model, teacher().params['model']), terms=terms)
+                        teacher=(teacher().model, teacher().params['model']), terms=distill.parse_terms(cell.terms))
     best = max(range(len(runs)), key=lambda i: evaluate.score(info.task, runs[i].validation))
     export_path = os.path.join('export', f'{cell.id}.npz')
     os.makedirs(os.path.join(workdir, 'export'), exist_ok=True)
@@ -328,12 +357,10 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metadata={'cell': cell.id, 'seed': grid.seeds[best], 'task': info.task, 'num_outputs': info.num_outputs,
                   'label_names': list(info.label_names), 'test': runs[best].test},
         platforms=grid.platforms)
-    _write_json(path, {
-        'id': cell.id, 'modality': cell.modality, 'width': cell.width, 'levels': list(cell.levels),
-        'method': cell.method, 'terms': cell.terms, 'seeds': list(grid.seeds),
-        'test': [r.test for r in runs], 'validation': [r.validation for r in runs],
-        'params': runs[0].num_params, 'export': export_path, 'export_seed': grid.seeds[best],
-        'seconds': time.perf_counter() - start})
+    _write_json(cell_path(cell), {
+        **_summary(runs, prints[cell], start, id=cell.id, modality=cell.modality, width=cell.width,
+                   levels=list(cell.levels), method=cell.method, terms=cell.terms),
+        'export': export_path, 'export_seed': grid.seeds[best]})
 
   results = collect(config, info, grid, workdir)
   write_tables(results, workdir)
@@ -369,7 +396,7 @@ def collect(config: ml_collections.ConfigDict, info: data.TaskInfo, grid: Plan, 
   baselines = {s: _read_json(os.path.join(workdir, 'baselines', f'{student_id(*s)}.json')) for s in grid.students}
   cells = {c: _read_json(os.path.join(workdir, 'cells', f'{c.id}.json')) for c in grid.cells}
   metrics = grid.metrics
-  rows = [_row('teacher', 'teacher', '+'.join(teacher['modalities']), teacher['width'], [teacher['test']],
+  rows = [_row('teacher', 'teacher', '+'.join(teacher['modalities']), teacher['width'], teacher['test'],
                metrics, teacher['params'], teacher['latency_ms'])]
   for m, values in teacher['missing'].items():
     inputs = '+'.join(o for o in teacher['modalities'] if o != m)

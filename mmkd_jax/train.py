@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -125,7 +127,7 @@ def distill_metric_name(term: distill.Term) -> str:
 
 
 def metric_names(task: str, dist: Distillation | None) -> list[str]:
-  names = ['loss', 'task_loss', 'grad_norm', 'param_norm']
+  names = ['loss', 'task_loss', 'grad_norm', 'param_norm', 'nonfinite']
   names += ['accuracy'] if task == 'classification' else []
   names += [distill_metric_name(t) for t in dist.terms] if dist else []
   return names
@@ -159,9 +161,13 @@ def make_train_step(model: nn.Module, task: str, tx: optax.GradientTransformatio
     rng = jax.random.fold_in(rng, state.step)
     (loss, (outputs, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, rng, teacher_params)
-    state = state.apply_gradients(grads=grads)
-    values = {'loss': loss, **parts, 'grad_norm': optax.tree.norm(grads),
-              'param_norm': optax.tree.norm(state.params)}
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = state.apply_gradients(grads=grads)
+    # A non-finite loss or gradient never reaches the parameters or the optimizer state.
+    state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state.replace(step=updated.step))
+    values = {'loss': loss, **parts, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(state.params),
+              'nonfinite': 1.0 - finite.astype(jnp.float32)}
     if task == 'classification':
       values['accuracy'] = jnp.sum((outputs.argmax(-1) == batch['label']) * batch['weight']) / jnp.sum(batch['weight'])
     return state, metrics_cls.single_from_model_output(**values)
@@ -172,6 +178,33 @@ def make_train_step(model: nn.Module, task: str, tx: optax.GradientTransformatio
 def projection_widths_of(projector_params: dict) -> dict[str, int]:
   """Pair name -> output width, read back from the projector's parameters."""
   return {name: p['kernel'].shape[-1] for name, p in projector_params.items()}
+
+
+class _PreemptionFlag:
+  """Turns SIGTERM into a flag that the loop checks between steps.
+
+  The loop then writes a final checkpoint and calls `exit()`, which ends the process by
+  SIGTERM as if the signal had arrived unhandled. Only installed on the main thread.
+  """
+
+  def __enter__(self) -> '_PreemptionFlag':
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def exit(self) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def create_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -186,14 +219,46 @@ def format_eta(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, distilled: bool) -> dict:
+  """The config that shapes one run's checkpoints; a run dir never mixes two of them."""
+  fingerprint = {
+      'role': role, 'seed': seed, role: config[role].to_dict(),
+      'data': {k: v for k, v in config.data.to_dict().items() if k not in ('data_dir', 'manual_dir')},
+      'train': {k: v for k, v in config.train.to_dict().items()
+                if k not in ('log_every', 'eval_batch_size', 'skip_nonfinite')},
+  }
+  if distilled:
+    fingerprint['teacher'] = config.teacher.to_dict()
+    fingerprint['distill'] = {k: v for k, v in config.distill.to_dict().items() if k != 'teacher_dir'}
+  return fingerprint
+
+
+def check_teacher_dir(config: ml_collections.ConfigDict, teacher_dir: str) -> None:
+  """An explicit `config.distill.teacher_dir` must hold a finished teacher of this config's shape."""
+  found = checkpoint.read_fingerprint(teacher_dir)
+  has_checkpoint = os.path.isdir(os.path.join(teacher_dir, 'checkpoints')) and any(
+      name.isdigit() for name in os.listdir(os.path.join(teacher_dir, 'checkpoints')))
+  if found is None or found.get('role') != 'teacher' or not has_checkpoint:
+    raise ValueError(f'config.distill.teacher_dir={teacher_dir!r} holds no trained teacher (run.json and '
+                     'checkpoints); train one with configs/teacher.py or leave teacher_dir empty')
+  wanted = run_fingerprint(config, 'teacher', found['seed'], distilled=False)
+  for section in ('teacher', 'data'):
+    difference = checkpoint.first_difference(found[section], wanted[section], section)
+    if difference:
+      raise ValueError(f'config.distill.teacher_dir={teacher_dir!r}: that teacher was trained with another '
+                       f'config ({difference})')
+
+
 def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: int, builder: Any,
               info: data.TaskInfo, teacher: tuple[nn.Module, Any] | None = None,
-              terms: tuple[distill.Term, ...] = ()) -> RunResult:
+              terms: tuple[distill.Term, ...] = (), restore_only: bool = False) -> RunResult:
   """Trains one model (resuming from `run_dir` if it holds a checkpoint) and evaluates it.
 
   With `teacher` = (module, params) and `terms`, the student is distilled from the teacher.
+  With `restore_only`, a finished run in `run_dir` is restored and evaluated, never trained.
   """
-  os.makedirs(run_dir, exist_ok=True)
+  if not restore_only:
+    checkpoint.claim_run_dir(run_dir, run_fingerprint(config, role, seed, teacher is not None), config.overwrite)
   mesh = create_mesh(config)
   data_sharding = NamedSharding(mesh, PartitionSpec('data'))
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -242,30 +307,50 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   name = os.path.relpath(run_dir, os.path.dirname(os.path.dirname(run_dir)))
   num_steps = config.train.num_steps
   start_step = int(state.step)
-  accumulated, start_time = None, time.perf_counter()
-  for step in range(start_step + 1, num_steps + 1):
-    batch = put(next(train_iter))
-    state, step_metrics = step_fn(state, batch, step_rng, teacher_params)
-    accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
-    is_last = step == num_steps
-    if step % config.train.log_every == 0 or is_last:
-      values = {k: float(v) for k, v in accumulated.compute().items()}
-      accumulated = None
-      elapsed = time.perf_counter() - start_time
-      rate = (step - start_step) / elapsed
-      logging.info('[%s] step %d/%d loss %.4f%s | %.1f steps/s | ETA %s', name, step, num_steps, values['loss'],
-                   f" acc {values['accuracy']:.3f}" if 'accuracy' in values else '', rate,
-                   format_eta((num_steps - step) / rate))
-      if writer:
-        for key, value in values.items():
-          writer.add_scalar(f'train/{key}', value, step)
-    if step % config.train.eval_every == 0 or is_last:
-      values = eval_split('validation')
-      values[checkpoint.SCORE] = evaluate.score(info.task, values)
-      if writer:
-        for key, value in values.items():
-          writer.add_scalar(f'validation/{key}', value, step)
-      checkpoint.save(manager, step, state, train_iter.get_state(), values)
+  accumulated, skipped, start_time = None, 0, time.perf_counter()
+
+  def save_checkpoint(step: int) -> None:
+    values = eval_split('validation')
+    values[checkpoint.SCORE] = evaluate.score(info.task, values)
+    if writer:
+      for key, value in values.items():
+        writer.add_scalar(f'validation/{key}', value, step)
+    checkpoint.save(manager, step, state, train_iter.get_state(), values)
+
+  with _PreemptionFlag() as preemption:
+    for step in range(start_step + 1, start_step if restore_only else num_steps + 1):
+      batch = put(next(train_iter))
+      state, step_metrics = step_fn(state, batch, step_rng, teacher_params)
+      if float(step_metrics.nonfinite.total):
+        bad = ', '.join(k for k, v in step_metrics.compute().items() if not np.isfinite(v))
+        if not config.train.skip_nonfinite:
+          raise FloatingPointError(
+              f'[{name}] non-finite {bad} at step {step}; the update was not applied and training stopped; '
+              f'last good checkpoint: step {manager.latest_step()} in {manager.directory}')
+        skipped += 1
+        logging.warning('[%s] skipped step %d: non-finite %s (%d skipped so far)', name, step, bad, skipped)
+      else:
+        accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
+      is_last = step == num_steps
+      if (step % config.train.log_every == 0 or is_last) and accumulated is not None:
+        values = {k: float(v) for k, v in accumulated.compute().items()}
+        values['skipped_steps'] = skipped
+        accumulated = None
+        rate = (step - start_step) / (time.perf_counter() - start_time)
+        logging.info('[%s] step %d/%d loss %.4f%s | %.1f steps/s | ETA %s', name, step, num_steps, values['loss'],
+                     f" acc {values['accuracy']:.3f}" if 'accuracy' in values else '', rate,
+                     format_eta((num_steps - step) / rate))
+        if writer:
+          for key, value in values.items():
+            writer.add_scalar(f'train/{key}', value, step)
+      if step % config.train.eval_every == 0 or is_last:
+        save_checkpoint(step)
+      elif preemption.requested:
+        save_checkpoint(step)
+      if preemption.requested:
+        logging.warning('[%s] SIGTERM: checkpoint saved at step %d; run the same command to resume', name, step)
+        manager.close()
+        preemption.exit()
   if writer:
     writer.close()
 
@@ -302,8 +387,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = train_run(config, config.job, workdir, config.seed, builder, info)
     return {'validation': result.validation, 'test': result.test, 'params': result.num_params}
 
-  teacher_dir = config.distill.teacher_dir or os.path.join(workdir, 'teacher')
-  teacher = train_run(config, 'teacher', teacher_dir, config.seed, builder, info)
+  if config.distill.teacher_dir:
+    check_teacher_dir(config, config.distill.teacher_dir)
+    teacher = train_run(config, 'teacher', config.distill.teacher_dir, config.seed, builder, info, restore_only=True)
+  else:
+    teacher = train_run(config, 'teacher', os.path.join(workdir, 'teacher'), config.seed, builder, info)
   terms = distill.parse_terms(config.distill.terms)
   runs = {'student': [], 'distilled': []}
   for seed in validation.seeds(config):

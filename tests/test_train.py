@@ -2,8 +2,6 @@
 import json
 import os
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -15,10 +13,6 @@ def _saved_state(run_dir: str, step: int | None = None) -> dict:
   manager = checkpoint.create_manager(os.path.join(run_dir, 'checkpoints'))
   step = manager.latest_step() if step is None else step
   return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-
-
-def _leaves_equal(a, b) -> bool:
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.mark.slow
@@ -56,23 +50,6 @@ def test_teacher_checkpoint_restores_and_finished_run_is_not_retrained(tiny_conf
   assert manager.latest_step() == tiny_config.train.num_steps
   assert len([n for n in sorted(os.listdir(workdir)) if n.startswith('events')]) >= len(
       [n for n in events if n.startswith('events')])
-
-
-def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tmp_path):
-  """Stopping after the step-3 checkpoint and restarting ends bitwise equal to one run."""
-  tiny_config.job = 'student'
-  builder_dir = tmp_path / 'runs'
-  full = train.train_and_evaluate(tiny_config, str(builder_dir / 'full'))
-  partial_config = tiny_config.copy_and_resolve_references()
-  partial_config.train.num_steps = 3
-  partial_dir = str(builder_dir / 'partial')
-  train.train_and_evaluate(partial_config, partial_dir)
-  # Same command as the full run: the schedule depends on num_steps, so resume under it.
-  resumed = train.train_and_evaluate(tiny_config, partial_dir)
-  assert resumed['test'] == full['test']
-  state_full, state_resumed = _saved_state(str(builder_dir / 'full'), 6), _saved_state(partial_dir, 6)
-  assert _leaves_equal(state_full['params'], state_resumed['params'])
-  assert _leaves_equal(state_full['opt_state'], state_resumed['opt_state'])
 
 
 @pytest.mark.parametrize('key, value, message', [

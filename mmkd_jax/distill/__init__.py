@@ -42,8 +42,10 @@ def parse_terms(spec: str) -> tuple[Term, ...]:
       raise ValueError(f"config.distill.terms: bad entry {item!r}; expected 'level:method:weight', "
                        f"levels: {', '.join(LEVELS.names())}; methods: {', '.join(METHODS.names())}")
     level, method, weight = parts
-    LEVELS.get(level)
-    METHODS.get(method)
+    for registry, name in ((LEVELS, level), (METHODS, method)):
+      if name not in registry:
+        raise ValueError(f'config.distill.terms: unknown {registry.kind} {name!r} in {item!r}; '
+                         f'valid choices: {", ".join(registry.names())}')
     try:
       value = float(weight)
     except ValueError:
@@ -60,12 +62,15 @@ def parse_terms(spec: str) -> tuple[Term, ...]:
 def validate_hparams(hparams: Mapping[str, Mapping[str, Any]]) -> None:
   """Every `config.distill.hparams.<method>.<name>` must be a keyword of that method."""
   for method, values in hparams.items():
+    if method not in METHODS:
+      raise ValueError(f'config.distill.hparams.{method}: unknown distillation method; '
+                       f'valid choices: {", ".join(METHODS.names())}')
     accepted = set(inspect.signature(METHODS.get(method)).parameters) - {'student', 'teacher', 'mask', 'labels'}
     for key, value in values.items():
       if key not in accepted:
         raise ValueError(f'config.distill.hparams.{method}.{key}: unknown hyperparameter; '
                          f'valid choices: {", ".join(sorted(accepted)) or "none"}')
-      if key in ('temperature',) and not value > 0:
+      if key in ('temperature', 'alpha', 'beta', 'distance_weight', 'angle_weight') and not value > 0:
         raise ValueError(f'config.distill.hparams.{method}.{key}={value!r} must be > 0')
 
 

@@ -1,0 +1,133 @@
+"""Every config error is one line naming the key, the bad value and what is allowed, before training."""
+import pytest
+
+from mmkd_jax import checkpoint, data, train, validation
+
+
+def _set(config, key: str, value) -> None:
+  *path, last = key.split('.')
+  node = config
+  for part in path:
+    node = node[part]
+  node[last] = value
+
+
+INFO = data.TaskInfo({'m0': (8, 6), 'm1': (8, 6)}, 'classification', 4)
+
+CASES = [
+    ('job', 'evaluate', "config.job='evaluate' is unknown; valid choices: teacher, student, distill"),
+    ('data.name', 'mnist', "config.data.name='mnist' is unknown; valid choices: iemocap, mfeat, mosei_senti"),
+    ('train.optimizer', 'lamb', "config.train.optimizer='lamb' is unknown; valid choices: adam, adamw, sgd"),
+    ('train.schedule', 'step', "config.train.schedule='step' is unknown; valid choices: constant, cosine, linear"),
+    ('train.compute_dtype', 'float16', "config.train.compute_dtype='float16' is unknown"),
+    ('distill.terms', 'logitz:kl:1', "config.distill.terms: unknown distillation level 'logitz' in 'logitz:kl:1'; "
+     'valid choices: attention, hidden, logits, pooled'),
+    ('distill.terms', 'logits:kld:1', "config.distill.terms: unknown distillation method 'kld' in 'logits:kld:1'; "
+     'valid choices: attention_transfer, contrastive'),
+    ('distill.terms', 'logits:kl:0', "config.distill.terms: weight '0' of 'logits:kl:0' must be a finite number > 0"),
+    ('distill.terms', 'logits:kl:-1', "weight '-1' of 'logits:kl:-1' must be a finite number > 0"),
+    ('distill.terms', 'logits:kl', "config.distill.terms: bad entry 'logits:kl'; expected 'level:method:weight'"),
+    ('distill.terms', '', 'config.distill.terms is empty'),
+    ('distill.hparams.kl.temperature', 0.0, 'config.distill.hparams.kl.temperature=0.0 must be > 0'),
+    ('distill.hparams.kl.temperature', -2.0, 'config.distill.hparams.kl.temperature=-2.0 must be > 0'),
+    ('distill.layer_map', '0:5', "config.distill.layer_map: entry '0:5' is out of range; student layers are 0..0, "
+     'teacher layers 0..1'),
+    ('distill.layer_map', '3:0', "config.distill.layer_map: entry '3:0' is out of range"),
+    ('distill.layer_map', 'a-b', "config.distill.layer_map: bad entry 'a-b'"),
+    ('student.width', 0, 'config.student.width=0 must be > 0'),
+    ('teacher.num_heads', -1, 'config.teacher.num_heads=-1 must be > 0'),
+    ('train.batch_size', 0, 'config.train.batch_size=0 must be > 0'),
+    ('train.learning_rate', -0.1, 'config.train.learning_rate=-0.1 must be > 0'),
+    ('train.num_steps', 0, 'config.train.num_steps=0 must be > 0'),
+    ('teacher.dropout_rate', -0.5, 'config.teacher.dropout_rate=-0.5 must be >= 0'),
+    ('student.num_heads', 3, 'config.student.width=8 is not divisible by config.student.num_heads=3'),
+    ('teacher.modalities', 'm0', "config.teacher.modalities='m0': the teacher needs at least two"),
+    ('report.seeds', '0,x', "config.report.seeds='0,x': expected comma-separated integers"),
+]
+
+
+@pytest.mark.parametrize('key, value, message', CASES, ids=[f'{k}={v!r}' for k, v, _ in CASES])
+def test_config_errors_name_key_and_value(tiny_config, key, value, message):
+  _set(tiny_config, key, value)
+  with pytest.raises(ValueError) as error:
+    validation.check_config(tiny_config)
+    validation.check_against_data(tiny_config, INFO)
+  assert message in str(error.value)
+  assert '\n' not in str(error.value)
+
+
+DATA_CASES = [
+    ('student.modality', 'm7', "config.student.modality='m7' is unknown; valid choices: m0, m1"),
+    ('teacher.modalities', 'm0,audio', "config.teacher.modalities='audio' is unknown; valid choices: m0, m1"),
+]
+
+
+@pytest.mark.parametrize('key, value, message', DATA_CASES)
+def test_modality_errors_name_key_and_value(tiny_config, key, value, message):
+  _set(tiny_config, key, value)
+  validation.check_config(tiny_config)
+  with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+    validation.check_against_data(tiny_config, INFO)
+
+
+def test_student_modality_must_be_a_teacher_stream(tiny_config):
+  tiny_config.teacher.modalities = 'm1,m2'
+  info = data.TaskInfo({'m0': (8, 6), 'm1': (8, 6), 'm2': (8, 6)}, 'classification', 4)
+  with pytest.raises(ValueError, match="config.student.modality='m0' is not one of the teacher's modalities"):
+    validation.check_against_data(tiny_config, info)
+
+
+def test_hidden_level_between_widths_needs_the_projection(tiny_config):
+  tiny_config.distill.terms = 'hidden:mse:1.0'
+  tiny_config.distill.projection = False
+  with pytest.raises(ValueError, match="config.distill.projection=False but 'hidden/mse' compares student width 8 "
+                                       'with teacher width 16'):
+    validation.check_config(tiny_config)
+  tiny_config.distill.terms = 'hidden:attention_transfer:1.0'  # width-agnostic: allowed
+  validation.check_config(tiny_config)
+
+
+def test_unknown_method_hyperparameter(tiny_config):
+  tiny_config.distill.hparams.kl.tau = 2.0
+  with pytest.raises(ValueError, match='config.distill.hparams.kl.tau: unknown hyperparameter; valid choices: '
+                                       'temperature'):
+    validation.check_config(tiny_config)
+
+
+def test_missing_teacher_checkpoint(tiny_config, tmp_path):
+  tiny_config.distill.teacher_dir = str(tmp_path / 'nowhere')
+  with pytest.raises(ValueError, match=r"config.distill.teacher_dir='.*nowhere' holds no trained teacher"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
+
+
+def test_teacher_trained_on_other_modalities_or_shapes(tiny_config, tmp_path):
+  teacher_dir = tmp_path / 'teacher'
+  (teacher_dir / 'checkpoints' / '6').mkdir(parents=True)
+  fingerprint = train.run_fingerprint(tiny_config, 'teacher', 0, distilled=False)
+  checkpoint.claim_run_dir(str(teacher_dir), fingerprint, overwrite=False)
+  tiny_config.distill.teacher_dir = str(teacher_dir)
+  train.check_teacher_dir(tiny_config, str(teacher_dir))  # the same config passes
+  other = tiny_config.copy_and_resolve_references()
+  other.teacher.modalities = 'm1,m0'
+  with pytest.raises(ValueError, match="teacher was trained with another config \\(teacher.modalities was 'm0,m1', "
+                                       "now 'm1,m0'\\)"):
+    train.check_teacher_dir(other, str(teacher_dir))
+  other = tiny_config.copy_and_resolve_references()
+  other.data.synthetic.seq_len = 12
+  with pytest.raises(ValueError, match='data.synthetic.seq_len was 8, now 12'):
+    train.check_teacher_dir(other, str(teacher_dir))
+
+
+def test_workdir_of_another_config_is_refused_unless_overwrite(tiny_config, tmp_path):
+  run_dir = str(tmp_path / 'run')
+  checkpoint.claim_run_dir(run_dir, train.run_fingerprint(tiny_config, 'student', 0, False), overwrite=False)
+  (tmp_path / 'run' / 'checkpoints').mkdir()
+  tiny_config.train.learning_rate = 0.5
+  changed = train.run_fingerprint(tiny_config, 'student', 0, False)
+  with pytest.raises(ValueError, match=r'holds a run of another config \(train.learning_rate was 0.001, now 0.5\); '
+                                       'use another --workdir or set --config.overwrite=True'):
+    checkpoint.claim_run_dir(run_dir, changed, overwrite=False)
+  assert (tmp_path / 'run' / 'checkpoints').exists()  # nothing lost by the refusal
+  checkpoint.claim_run_dir(run_dir, changed, overwrite=True)
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  assert checkpoint.read_fingerprint(run_dir) == changed

@@ -89,6 +89,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.report.latency_batch_size = 100
   config.report.latency_repeats = 50
 
+  config.distributed = ml_collections.ConfigDict()
+  # Multi-host: coordinator 'host:port' ('' = let jax.distributed auto-detect a TPU pod / SLURM job,
+  # or run as one process), number of processes (0 = auto) and this process's id (-1 = auto).
+  config.distributed.coordinator_address = ''
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+
   config.mesh = ml_collections.ConfigDict()
   # Devices on the 'model' mesh axis (reserved; 1 = pure data parallelism over all devices).
   config.mesh.model = 1

@@ -97,16 +97,11 @@ def _items(config: ml_collections.ConfigDict, key: str, example: str) -> list[st
 
 
 def _integers(config: ml_collections.ConfigDict, key: str, example: str, minimum: int) -> tuple[int, ...]:
-  values = []
-  for item in _items(config, key, example):
-    try:
-      value = int(item)
-    except ValueError:
-      value = None
-    if value is None or value < minimum:
+  items = _items(config, key, example)
+  for item in items:
+    if not item.isdigit() or int(item) < minimum:
       raise ValueError(f'config.study.{key}: {item!r} is not an integer >= {minimum}; expected e.g. {example!r}')
-    values.append(value)
-  return tuple(values)
+  return tuple(int(item) for item in items)
 
 
 def metric_names(info: data.TaskInfo) -> tuple[str, ...]:
@@ -241,6 +236,15 @@ def evaluate_without(result: train.RunResult, builder: Any, info: data.TaskInfo,
   return metrics
 
 
+def result_path(workdir: str, of: str | tuple[str, int] | Cell) -> str:
+  """Where the stored result of the teacher ('teacher'), a baseline (modality, width) or a cell lives."""
+  if isinstance(of, Cell):
+    return os.path.join(workdir, 'cells', f'{of.id}.json')
+  if isinstance(of, tuple):
+    return os.path.join(workdir, 'baselines', f'{student_id(*of)}.json')
+  return os.path.join(workdir, f'{of}.json')
+
+
 def _read_json(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
@@ -300,18 +304,15 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train.check_teacher_dir(config, config.distill.teacher_dir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   teacher_dir = config.distill.teacher_dir or os.path.join(workdir, 'teacher')
-  teacher_path = os.path.join(workdir, 'teacher.json')
-  baseline_path = lambda student: os.path.join(workdir, 'baselines', f'{student_id(*student)}.json')
-  cell_path = lambda cell: os.path.join(workdir, 'cells', f'{cell.id}.json')
   prints = {
       'teacher': _fingerprints(config, 'teacher', (config.seed,), False),
       **{s: _fingerprints(run_config(config, *s), 'student', grid.seeds, False) for s in grid.students},
       **{c: _fingerprints(run_config(config, c.modality, c.width, c.terms), 'student', grid.seeds, True)
          for c in grid.cells}}
   # What is left to do, decided before anything trains (a stored result of another config fails here).
-  teacher_todo = _finished(teacher_path, prints['teacher'], config.overwrite) is None
-  students_todo = [s for s in grid.students if _finished(baseline_path(s), prints[s], config.overwrite) is None]
-  cells_todo = [c for c in grid.cells if _finished(cell_path(c), prints[c], config.overwrite) is None]
+  teacher_todo, students_todo, cells_todo = (
+      [x for x in todo if _finished(result_path(workdir, x), prints[x], config.overwrite) is None]
+      for todo in (['teacher'], grid.students, grid.cells))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -328,7 +329,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if teacher_todo:
     start = time.perf_counter()
     result = teacher()
-    _write_json(teacher_path, {
+    _write_json(result_path(workdir, 'teacher'), {
         **_summary([result], prints['teacher'], start, modalities=list(result.model.modalities),
                    width=config.teacher.width, dir=teacher_dir),
         'latency_ms': 1e3 * train.latency(result.model, result.params, info, config),
@@ -339,7 +340,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
     student_config = run_config(config, *student)
     runs = _train_seeds(student_config, os.path.join(workdir, 'baselines', student_id(*student)), grid.seeds,
                         builder, info)
-    _write_json(baseline_path(student), {
+    _write_json(result_path(workdir, student), {
         **_summary(runs, prints[student], start, id=student_id(*student), modality=student[0], width=student[1]),
         'latency_ms': 1e3 * train.latency(runs[0].model, runs[0].params, info, student_config)})
 
@@ -357,7 +358,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metadata={'cell': cell.id, 'seed': grid.seeds[best], 'task': info.task, 'num_outputs': info.num_outputs,
                   'label_names': list(info.label_names), 'test': runs[best].test},
         platforms=grid.platforms)
-    _write_json(cell_path(cell), {
+    _write_json(result_path(workdir, cell), {
         **_summary(runs, prints[cell], start, id=cell.id, modality=cell.modality, width=cell.width,
                    levels=list(cell.levels), method=cell.method, terms=cell.terms),
         'export': export_path, 'export_seed': grid.seeds[best]})
@@ -392,9 +393,9 @@ def _row(kind: str, name: str, inputs: str, width: int, per_seed: list[dict], me
 
 def collect(config: ml_collections.ConfigDict, info: data.TaskInfo, grid: Plan, workdir: str) -> dict:
   """Reads the stored results of the grid into table rows, the best cell and its exported latency."""
-  teacher = _read_json(os.path.join(workdir, 'teacher.json'))
-  baselines = {s: _read_json(os.path.join(workdir, 'baselines', f'{student_id(*s)}.json')) for s in grid.students}
-  cells = {c: _read_json(os.path.join(workdir, 'cells', f'{c.id}.json')) for c in grid.cells}
+  teacher = _read_json(result_path(workdir, 'teacher'))
+  baselines = {s: _read_json(result_path(workdir, s)) for s in grid.students}
+  cells = {c: _read_json(result_path(workdir, c)) for c in grid.cells}
   metrics = grid.metrics
   rows = [_row('teacher', 'teacher', '+'.join(teacher['modalities']), teacher['width'], teacher['test'],
                metrics, teacher['params'], teacher['latency_ms'])]
@@ -460,7 +461,7 @@ def markdown(results: dict) -> str:
   for row in results['rows']:
     gains = [f'{row[f"gain_{m}"]:+.4f}' if row[f'gain_{m}'] is not None else '-' for m in metrics]
     lines.append('| ' + ' | '.join(
-        [row['model'] if row['kind'] != 'distilled' else 'distilled', row['inputs'], str(row['width']),
+        [row['model'] if row['kind'].startswith('teacher') else row['kind'], row['inputs'], str(row['width']),
          row['levels'] or '-', row['method'] or '-'] + [_md_value(row, m) for m in metrics] + gains
         + [f'{row["params"]:,}', f'{row["latency_ms"]:.3f}']) + ' |')
   e = results['export']
@@ -509,29 +510,31 @@ def _figure(width: float, height: float):
 
 @PLOTS.register('heatmap')
 def heatmap(results: dict, path: str) -> None:
-  """First metric of every cell, levels x methods, one panel per student (modality, width)."""
+  """First metric of every cell, levels x methods; one panel per student, modalities x widths."""
   metric = results['metrics'][0]
   cells = [r for r in results['rows'] if r['kind'] == 'distilled']
-  students = list(dict.fromkeys((r['inputs'], r['width']) for r in cells))
-  levels = list(dict.fromkeys(r['levels'] for r in cells))
-  methods = list(dict.fromkeys(r['method'] for r in cells))
+  modalities, widths, levels, methods = (list(dict.fromkeys(r[key] for r in cells))
+                                         for key in ('inputs', 'width', 'levels', 'method'))
   values = [r[f'{metric}_mean'] for r in cells]
-  fig = _figure(1.2 + 1.1 * len(methods) * len(students), 1.2 + 0.6 * len(levels))
-  axes = fig.subplots(1, len(students), squeeze=False)[0]
-  for ax, (modality, width) in zip(axes, students):
+  fig = _figure(1.5 + 1.1 * len(methods) * len(widths), 1.0 + 0.6 * len(levels) * len(modalities))
+  axes = fig.subplots(len(modalities), len(widths), squeeze=False)
+  for ax, (modality, width) in zip(axes.flat, [(m, w) for m in modalities for w in widths]):
     grid = np.full((len(levels), len(methods)), np.nan)
     for r in cells:
       if (r['inputs'], r['width']) == (modality, width):
         i, j = levels.index(r['levels']), methods.index(r['method'])
         grid[i, j] = r[f'{metric}_mean']
-        ax.text(j, i, f'{grid[i, j]:.3f}\n{r[f"gain_{metric}"]:+.3f}', ha='center', va='center', fontsize=7)
+        dark = grid[i, j] < (min(values) + max(values)) / 2
+        ax.text(j, i, f'{grid[i, j]:.3f}\n{r[f"gain_{metric}"]:+.3f}', ha='center', va='center', fontsize=7,
+                color='white' if dark else 'black')
     for i, j in zip(*np.nonzero(np.isnan(grid))):
       ax.text(j, i, 'skipped', ha='center', va='center', fontsize=7, color='gray')
     image = ax.imshow(grid, cmap='viridis', vmin=min(values), vmax=max(values), aspect='auto')
     ax.set_xticks(range(len(methods)), methods, rotation=45, ha='right')
     ax.set_yticks(range(len(levels)), levels)
     ax.set_title(f'{modality}, width {width}', fontsize=9)
-  fig.colorbar(image, ax=axes, label=f'test {metric} (mean; second line: gain over baseline)')
+  fig.colorbar(image, ax=axes, label=f'test {metric}')
+  fig.suptitle(f'Mean test {metric} of each cell (second line: gain over the baseline)', fontsize=10)
   fig.savefig(path, dpi=120)
 
 
@@ -556,8 +559,7 @@ def latency_plot(results: dict, path: str) -> None:
   best = next(r for r in results['rows'] if r['model'] == results['best'])
   ax.scatter([results['export']['latency_ms']], [best[f'{metric}_mean']], marker='D', c='black', s=30,
              label=f'exported ({results["best"]})', zorder=4)
-  ax.set_xscale('log')
-  ax.set_xlabel(f'latency (ms per batch of {results["latency_batch_size"]}, log scale)')
+  ax.set_xlabel(f'latency (ms per batch of {results["latency_batch_size"]})')
   ax.set_ylabel(f'test {metric}')
   ax.legend(fontsize=7)
   ax.grid(alpha=0.3)

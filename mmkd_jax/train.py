@@ -22,6 +22,7 @@ import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
@@ -207,6 +208,34 @@ class _PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Starts jax.distributed for multi-host runs, from the config or the cluster environment.
+
+  With `config.distributed.coordinator_address` set, the processes meet there; otherwise
+  TPU pods and SLURM jobs are auto-detected, and anything else runs as one process.
+  """
+  settings = config.distributed
+  if jax.distributed.is_initialized():
+    return
+  if settings.coordinator_address:
+    # Cross-process collectives of CPU devices (only used when the devices are CPUs).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(settings.coordinator_address, settings.num_processes or None,
+                               None if settings.process_id < 0 else settings.process_id)
+  elif any(key in os.environ for key in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')):
+    jax.distributed.initialize()
+
+
+def shard_local_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """One global array per field from every process's own rows (training batches)."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def shard_global_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """One global array per field from a batch every process holds whole (evaluation batches)."""
+  return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), batch)
+
+
 def create_mesh(config: ml_collections.ConfigDict) -> Mesh:
   """A ('data', 'model') mesh over all devices; the batch is split on 'data'."""
   model_size = config.mesh.model
@@ -260,10 +289,12 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   if not restore_only:
     checkpoint.claim_run_dir(run_dir, run_fingerprint(config, role, seed, teacher is not None), config.overwrite)
   mesh = create_mesh(config)
+  for key in ('batch_size', 'eval_batch_size'):
+    if config.train[key] % (mesh.shape['data'] * jax.process_count()):
+      raise ValueError(f"config.train.{key}={config.train[key]} is not divisible by the {mesh.shape['data']} "
+                       f'devices of the data axis times {jax.process_count()} processes')
   data_sharding = NamedSharding(mesh, PartitionSpec('data'))
   replicated = NamedSharding(mesh, PartitionSpec())
-  put = lambda batch: jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
   model = create_model(config, info, role)
   modalities = list(model.modalities) if role == 'teacher' else [model.modality]
   if teacher is not None:
@@ -299,9 +330,10 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
     logging.info('%s: resumed at step %d', run_dir, int(state.step))
 
   step_fn = jax.jit(make_train_step(model, info.task, tx, dist), donate_argnums=0)
-  predict_fn = jax.jit(lambda p, b: model.apply({'params': p['model']}, b)[0])
+  predict_fn = jax.jit(lambda p, b: model.apply({'params': p['model']}, b)[0], out_shardings=replicated)
   eval_split = lambda split: evaluate.compute_metrics(info.task, *evaluate.predict(
-      predict_fn, state.params, pipeline.eval_batches(builder, split, modalities, config.train.eval_batch_size), put))
+      predict_fn, state.params, pipeline.eval_batches(builder, split, modalities, config.train.eval_batch_size),
+      functools.partial(shard_global_batch, sharding=data_sharding)))
 
   writer = SummaryWriter(run_dir) if jax.process_index() == 0 else None
   name = os.path.relpath(run_dir, os.path.dirname(os.path.dirname(run_dir)))
@@ -319,7 +351,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
 
   with _PreemptionFlag() as preemption:
     for step in range(start_step + 1, start_step if restore_only else num_steps + 1):
-      batch = put(next(train_iter))
+      batch = shard_local_batch(next(train_iter), data_sharding)
       state, step_metrics = step_fn(state, batch, step_rng, teacher_params)
       if float(step_metrics.nonfinite.total):
         bad = ', '.join(k for k, v in step_metrics.compute().items() if not np.isfinite(v))
@@ -343,6 +375,8 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
         if writer:
           for key, value in values.items():
             writer.add_scalar(f'train/{key}', value, step)
+          with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps({'step': step, **values}) + '\n')
       if step % config.train.eval_every == 0 or is_last:
         save_checkpoint(step)
       elif preemption.requested:
@@ -373,10 +407,22 @@ def latency(model: nn.Module, params: Any, info: data.TaskInfo, config: ml_colle
   return evaluate.measure_latency(fn, params['model'], batch, config.report.latency_repeats)
 
 
+def load_data(config: ml_collections.ConfigDict) -> Any:
+  """The dataset builder; on multi-host runs process 0 prepares it while the others wait."""
+  if jax.process_index() == 0:
+    builder = data.load_builder(config.data)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('mmkd_jax: dataset prepared')
+  if jax.process_index() != 0:
+    builder = data.load_builder(config.data)
+  return builder
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.job` in `workdir` (see the module docstring) and returns its results."""
   validation.check_config(config)
-  builder = data.load_builder(config.data)
+  initialize_distributed(config)
+  builder = load_data(config)
   info = data.task_info(builder)
   validation.check_against_data(config, info)
   workdir = os.path.abspath(os.path.expanduser(workdir))

@@ -16,29 +16,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mmkd_jax import checkpoint
+from tests.conftest import write_tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 300
 
-TINY_CONFIG = '''
-from configs import default
-from tests.conftest import shrink
-
-
-def get_config():
-  config = shrink(default.get_config(), {data_dir!r})
-  config.job = 'student'
-  config.train.num_steps = {num_steps}
-  config.train.eval_every = 20
-  config.train.log_every = 20
-  return config
-'''
-
-
 def _config_file(tmp_path, num_steps: int = NUM_STEPS) -> str:
-  path = tmp_path / 'tiny_config.py'
-  path.write_text(TINY_CONFIG.format(data_dir=str(tmp_path / 'data'), num_steps=num_steps))
-  return str(path)
+  return write_tiny_config(tmp_path, 'student', num_steps=num_steps, eval_every=20, log_every=20)
 
 
 def _command(config_file: str, workdir: str) -> list[str]:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import study as study_config
-from mmkd_jax import export, study, train
+from configs import study_full
+from mmkd_jax import data, export, study, train
 from mmkd_jax.models import Student
 
 METRICS = ('accuracy', 'macro_f1')
@@ -104,6 +105,11 @@ def test_grid_resumes_after_interruption_and_writes_tables(config, tmp_path, mon
   _check_tables(workdir)
   assert not [n for n in os.listdir(workdir) if n.endswith('.png')]
 
+  # Stored results of another config are refused, not reported as this one's.
+  config.train.learning_rate = 0.5
+  with pytest.raises(ValueError, match=r'holds results of another config \(0\.train\.learning_rate was'):
+    study.run_study(config, workdir)
+
 
 def _has_matplotlib() -> bool:
   try:
@@ -116,7 +122,8 @@ def _has_matplotlib() -> bool:
 def test_exported_student_matches_the_in_memory_student(tmp_path):
   model = Student('m0', num_outputs=3, width=8, num_heads=2, num_layers=1)
   rng = np.random.default_rng(0)
-  batch = {'m0': rng.normal(size=(5, 6, 4)).astype(np.float32), 'm0_mask': np.arange(6) < np.array([[6], [3], [1], [6], [4]])}
+  batch = {'m0': rng.normal(size=(5, 6, 4)).astype(np.float32),
+           'm0_mask': np.arange(6) < np.array([[6], [3], [1], [6], [4]])}  # with padding
   params = model.init(jax.random.key(0), batch)['params']
   path = str(tmp_path / 'student.npz')
   export.export_student(model, params, (6, 4), path, metadata={'cell': 'test'})
@@ -162,3 +169,11 @@ def test_bad_grids_fail_before_training(config, tmp_path, overrides, message):
   assert message in str(error.value)
   assert '\n' not in str(error.value)
   assert not workdir.exists()
+
+
+def test_shipped_configs_fit_their_budget(tmp_path):
+  for module, runs in ((study_config, 25), (study_full, 741)):
+    config = module.get_config()
+    config.data.data_dir = str(tmp_path)
+    grid = study.plan(config, data.task_info(data.load_builder(config.data)))
+    assert grid.num_runs == runs

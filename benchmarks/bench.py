@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Speed benchmark: mmkd_jax teacher/student train and inference steps vs the PyTorch reference.
+
+Usage: python benchmarks/bench.py [--batch 32] [--len_a 50] [--len_b 50] [--dim_a 74] [--dim_b 35]
+       [--d 64] [--heads 4] [--layers 4] [--classes 7] [--steps 30] [--rounds 5] [--torch 1]
+       [--reference ../shared/bench/torch_reference.py]
+
+Times, at the reference's default sizes and with dropout 0:
+  * the jitted train step (value_and_grad of softmax cross-entropy + optax Adam update,
+    jit with donate_argnums on params/optimizer state) of the Teacher and the Student,
+  * jitted inference (logits) of each,
+as samples/s from the median step time of `--steps` steps per round after warm-up
+(block_until_ready after every step). Compile + first run is reported apart.
+FLOPs per step come from XLA's cost_analysis() of the compiled step.
+
+When torch is importable (and --torch 1), the PyTorch reference (eager and torch.compile)
+is timed in the same process; JAX and torch measurements alternate over `--rounds` rounds
+(run sequentially, never concurrently) and the medians over rounds are reported, with the
+ratios JAX/torch-eager and JAX/torch-compiled. Prints a table and one JSON line.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mmkd_jax.models.student import Student  # noqa: E402
+from mmkd_jax.models.teacher import Teacher  # noqa: E402
+
+DEFAULT_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'bench' / 'torch_reference.py'
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  for name, default in [('batch', 32), ('len_a', 50), ('len_b', 50), ('dim_a', 74), ('dim_b', 35),
+                        ('d', 64), ('heads', 4), ('layers', 4), ('classes', 7), ('steps', 30),
+                        ('rounds', 5), ('warmup', 5)]:
+    p.add_argument(f'--{name}', type=int, default=default)
+  p.add_argument('--torch', type=int, default=1, help='also time the PyTorch reference when importable')
+  p.add_argument('--compile', type=int, default=1, help='also time torch.compile (with --torch 1)')
+  p.add_argument('--reference', default=str(DEFAULT_REFERENCE))
+  p.add_argument('--models', default='teacher,student')
+  return p.parse_args(argv)
+
+
+def step_times(fn, steps, warmup):
+  """Per-step wall times (s) of `fn` (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  out = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t)
+  return out
+
+
+# ----------------------------------------------------------------------------------------- JAX
+
+def jax_batch(a, rng):
+  return {'a': jnp.asarray(rng.standard_normal((a.batch, a.len_a, a.dim_a)), jnp.float32),
+          'b': jnp.asarray(rng.standard_normal((a.batch, a.len_b, a.dim_b)), jnp.float32),
+          'a_mask': jnp.ones((a.batch, a.len_a), bool), 'b_mask': jnp.ones((a.batch, a.len_b), bool)}
+
+
+def jax_model(name, a):
+  if name == 'teacher':
+    return Teacher(('a', 'b'), a.classes, width=a.d, num_heads=a.heads, num_cross_layers=a.layers,
+                   num_self_layers=0, dropout_rate=0.0)
+  return Student('a', a.classes, width=a.d, num_heads=a.heads, num_layers=a.layers, dropout_rate=0.0)
+
+
+class JaxCase:
+  """Jitted train step and inference of one model, with its compile time and FLOPs."""
+
+  def __init__(self, name, a, compiler_options=None):
+    self.model = model = jax_model(name, a)
+    rng = np.random.default_rng(0)
+    self.batch = batch = jax_batch(a, rng)
+    self.labels = labels = jnp.asarray(rng.integers(0, a.classes, a.batch), jnp.int32)
+    params = model.init(jax.random.key(0), batch)['params']
+    self.num_params = sum(x.size for x in jax.tree.leaves(params))
+    tx = optax.adam(1e-3)
+
+    def loss_fn(p, batch, labels):
+      logits, _ = model.apply({'params': p}, batch, train=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def train_step(p, opt_state, batch, labels):
+      loss, grads = jax.value_and_grad(loss_fn)(p, batch, labels)
+      updates, opt_state = tx.update(grads, opt_state, p)
+      return optax.apply_updates(p, updates), opt_state, loss
+
+    def infer(p, batch):
+      return model.apply({'params': p}, batch)[0]
+
+    self.train_jit = jax.jit(train_step, donate_argnums=(0, 1))
+    self.infer_jit = jax.jit(infer)
+    self.state = (params, tx.init(params))
+    if compiler_options:  # per-executable XLA debug options (e.g. {'xla_cpu_...': ...})
+      self.train_jit = aot(self.train_jit, compiler_options, *self.state, batch, labels)
+      self.infer_jit = aot(self.infer_jit, compiler_options, params, batch)
+
+    # compile + first run, measured apart (includes tracing, lowering and XLA compile)
+    t = time.perf_counter()
+    p, o, loss = self.train_jit(*self.state, batch, labels)
+    loss.block_until_ready()
+    self.train_first_s = time.perf_counter() - t
+    self.state = (p, o)
+    t = time.perf_counter()
+    self.infer_jit(p, batch).block_until_ready()
+    self.infer_first_s = time.perf_counter() - t
+
+    self.train_flops = flops_of(self.train_jit, *self.state, batch, labels)
+    self.infer_flops = flops_of(self.infer_jit, self.state[0], batch)
+
+  def train(self):
+    p, o, loss = self.train_jit(*self.state, self.batch, self.labels)
+    loss.block_until_ready()
+    self.state = (p, o)
+
+  def infer(self):
+    self.infer_jit(self.state[0], self.batch).block_until_ready()
+
+
+class aot:
+  """A jitted function compiled ahead of time with `compiler_options`, called like the jitted one."""
+
+  def __init__(self, jitted, options, *args):
+    self.jitted, self.options, self.args, self.compiled = jitted, options, args, None
+
+  def __call__(self, *args):
+    if self.compiled is None:
+      self.compiled = self.jitted.lower(*self.args).compile(compiler_options=self.options)
+    return self.compiled(*args)
+
+  def lower(self, *args):
+    outer = self
+
+    class _Lowered:
+      def compile(self):
+        return outer.compiled
+    return _Lowered()
+
+
+def flops_of(jitted, *args):
+  """FLOPs of one call from XLA's cost analysis of the compiled executable (None if unavailable)."""
+  try:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost['flops'])
+  except Exception:  # pragma: no cover - backend without cost analysis
+    return None
+
+
+# --------------------------------------------------------------------------------------- torch
+
+class TorchCase:
+  """The reference's train step (Adam, cross-entropy) and inference, eager or torch.compile'd."""
+
+  def __init__(self, ref, torch, name, a, compiled):
+    torch.manual_seed(0)
+    self.torch = torch
+    self.xa, self.xb = torch.randn(a.batch, a.len_a, a.dim_a), torch.randn(a.batch, a.len_b, a.dim_b)
+    self.y = torch.randint(0, a.classes, (a.batch,))
+    model = (ref.Teacher if name == 'teacher' else ref.Student)(a)
+    self.num_params = sum(q.numel() for q in model.parameters())
+    self.opt = torch.optim.Adam(model.parameters(), 1e-3)
+    self.model = torch.compile(model) if compiled else model
+    t = time.perf_counter()
+    self.train()
+    self.train_first_s = time.perf_counter() - t
+    t = time.perf_counter()
+    self.infer()
+    self.infer_first_s = time.perf_counter() - t
+
+  def train(self):
+    self.opt.zero_grad()
+    loss = self.torch.nn.functional.cross_entropy(self.model(self.xa, self.xb), self.y)
+    loss.backward()
+    self.opt.step()
+
+  def infer(self):
+    with self.torch.inference_mode():
+      self.model(self.xa, self.xb)
+
+
+def load_reference(path):
+  spec = importlib.util.spec_from_file_location('torch_reference', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# ---------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+  a = parse_args(argv)
+  models = [m for m in a.models.split(',') if m]
+  torch = ref = None
+  if a.torch:
+    try:
+      import torch  # noqa: F401
+      ref = load_reference(a.reference)
+    except (ImportError, FileNotFoundError) as e:
+      print(f'# torch reference unavailable ({e}); timing JAX only', file=sys.stderr)
+      torch = ref = None
+
+  info = {'date': time.strftime('%Y-%m-%d %H:%M'), 'machine': platform.processor() or platform.machine(),
+          'cpus': os.cpu_count(), 'python': platform.python_version(), 'jax': jax.__version__,
+          'backend': jax.default_backend(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'batch': a.batch, 'steps': a.steps, 'rounds': a.rounds,
+          'loadavg_1m_start': round(os.getloadavg()[0], 2)}
+  if torch is not None:
+    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+
+  cases = {}  # (model, impl) -> case
+  for m in models:
+    cases[m, 'jax'] = JaxCase(m, a)
+    if torch is not None:
+      cases[m, 'torch_eager'] = TorchCase(ref, torch, m, a, compiled=False)
+      if a.compile:
+        cases[m, 'torch_compiled'] = TorchCase(ref, torch, m, a, compiled=True)
+
+  # Interleave: every round times each (model, impl, kind) once, sequentially.
+  medians = {}  # (model, impl, kind) -> list of per-round median step times
+  for r in range(a.rounds):
+    for m in models:
+      for kind in ('train', 'infer'):
+        for impl in ('jax', 'torch_eager', 'torch_compiled'):
+          case = cases.get((m, impl))
+          if case is None:
+            continue
+          times = step_times(getattr(case, kind), a.steps, a.warmup)
+          medians.setdefault((m, impl, kind), []).append(statistics.median(times))
+
+  info['loadavg_1m_end'] = round(os.getloadavg()[0], 2)
+  if max(info['loadavg_1m_start'], info['loadavg_1m_end']) > (os.cpu_count() or 1):
+    print(f"# WARNING: load average {info['loadavg_1m_start']}/{info['loadavg_1m_end']} exceeds {os.cpu_count()} CPUs: "
+          'other processes share the cores; multi-threaded torch suffers more from this than XLA, '
+          'so ratios are inflated in JAX\'s favour', file=sys.stderr)
+  result = {'info': info}
+  for m in models:
+    jc = cases[m, 'jax']
+    res = {'params_jax': int(jc.num_params), 'compile_first_step_s': round(jc.train_first_s, 2),
+           'compile_first_infer_s': round(jc.infer_first_s, 2),
+           'train_flops_per_step': jc.train_flops, 'infer_flops_per_step': jc.infer_flops,
+           'flops_source': 'xla cost_analysis'}
+    if (m, 'torch_eager') in cases:
+      res['params_torch'] = int(cases[m, 'torch_eager'].num_params)
+    for kind in ('train', 'infer'):
+      for impl in ('jax', 'torch_eager', 'torch_compiled'):
+        if (m, impl, kind) in medians:
+          per_round = [a.batch / t for t in medians[m, impl, kind]]
+          res[f'{kind}_{impl}'] = round(a.batch / statistics.median(medians[m, impl, kind]), 1)
+          res[f'{kind}_{impl}_rounds'] = [round(x, 1) for x in per_round]
+      flops = jc.train_flops if kind == 'train' else jc.infer_flops
+      if flops:
+        res[f'{kind}_jax_gflops_per_s'] = round(flops * res[f'{kind}_jax'] / a.batch / 1e9, 1)
+      for impl in ('torch_eager', 'torch_compiled'):
+        if f'{kind}_{impl}' in res:
+          res[f'{kind}_ratio_vs_{impl}'] = round(res[f'{kind}_jax'] / res[f'{kind}_{impl}'], 3)
+          # per-round ratios (same round = same machine load) and their median
+          rr = [j / t for j, t in zip(res[f'{kind}_jax_rounds'], res[f'{kind}_{impl}_rounds'])]
+          res[f'{kind}_ratio_vs_{impl}_per_round_median'] = round(statistics.median(rr), 3)
+    if (m, 'torch_compiled') in cases:
+      res['torch_compile_first_step_s'] = round(cases[m, 'torch_compiled'].train_first_s, 2)
+    result[m] = res
+
+  print_table(result, models)
+  print(json.dumps(result))
+
+
+def print_table(result, models):
+  info = result['info']
+  print(f"# load average (1 min) at start/end: {info['loadavg_1m_start']}/{info['loadavg_1m_end']}")
+  print(f"# {info['date']}  {info['machine']} x{info['cpus']}  python {info['python']}  jax {info['jax']}"
+        + (f"  torch {info['torch']} ({info['torch_threads']} threads)" if 'torch' in info else '')
+        + f"  batch {info['batch']}, {info['rounds']} rounds x {info['steps']} steps")
+  cols = ['model', 'kind', 'jax/s', 'eager/s', 'compiled/s', 'jax/eager', 'jax/compiled', 'GFLOP/step', 'GFLOP/s']
+  print(' | '.join(f'{c:>12}' for c in cols))
+  for m in models:
+    r = result[m]
+    for kind in ('train', 'infer'):
+      flops = r[f'{kind}_flops_per_step']
+      row = [m, kind, r.get(f'{kind}_jax'), r.get(f'{kind}_torch_eager'), r.get(f'{kind}_torch_compiled'),
+             r.get(f'{kind}_ratio_vs_torch_eager'), r.get(f'{kind}_ratio_vs_torch_compiled'),
+             None if flops is None else round(flops / 1e9, 2), r.get(f'{kind}_jax_gflops_per_s')]
+      print(' | '.join(f'{"-" if v is None else v:>12}' for v in row))
+    print(f"{m}: JAX compile+first train step {r['compile_first_step_s']} s, first inference "
+          f"{r['compile_first_infer_s']} s; params jax {r['params_jax']} torch {r.get('params_torch', '-')}")
+
+
+if __name__ == '__main__':
+  main()

@@ -2,6 +2,8 @@
 import json
 import os
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -68,3 +70,16 @@ def test_bad_names_fail_before_training(tiny_config, tmp_path, key, value, messa
   assert message in str(error.value)
   assert '\n' not in str(error.value)
   assert not (workdir / 'teacher').exists()
+
+
+def test_bfloat16_compute_trains_with_finite_float32_losses(tiny_config, tmp_path):
+  tiny_config.job = 'student'
+  tiny_config.train.compute_dtype = 'bfloat16'
+  results = train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
+  assert 0.0 <= results['test']['accuracy'] <= 1.0
+  with open(tmp_path / 'work' / 'metrics.jsonl') as f:
+    losses = [json.loads(line)['loss'] for line in f]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  # Parameters stay float32 whatever the compute dtype.
+  saved = _saved_state(str(tmp_path / 'work'))
+  assert {x.dtype for x in jax.tree.leaves(saved['params'])} == {np.dtype('float32')}

@@ -5,14 +5,26 @@ validation score (to evaluate and to serve as a teacher). Orbax writes to a temp
 directory and renames it when complete, so a killed run never leaves a half-written one.
 """
 import json
+import logging as py_logging
 import os
 import shutil
 from typing import Any
+
+from absl import logging
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 SCORE = 'score'  # key of the higher-is-better validation score stored with each checkpoint
+
+
+def _not_orbax_info(record: py_logging.LogRecord) -> bool:
+  return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Drops Orbax's per-save INFO chatter from the absl log so that progress lines stay readable."""
+  logging.get_absl_handler().addFilter(_not_orbax_info)
 
 
 def create_manager(directory: str) -> ocp.CheckpointManager:

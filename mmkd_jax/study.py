@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import functools
 import json
-import logging as py_logging
 import os
 import time
 from typing import Any, Callable
@@ -566,15 +565,11 @@ def latency_plot(results: dict, path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-def _quiet_checkpointing(record: py_logging.LogRecord) -> bool:
-  """Drops Orbax's per-save INFO chatter so that the progress lines stay readable."""
-  return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
-
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_quiet_checkpointing)
+  checkpoint.quiet_orbax_logs()
   run_study(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

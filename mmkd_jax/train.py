@@ -134,8 +134,7 @@ def metric_names(task: str, dist: Distillation | None) -> list[str]:
   return names
 
 
-def make_train_step(model: nn.Module, task: str, tx: optax.GradientTransformation,
-                    dist: Distillation | None) -> Callable:
+def make_train_step(model: nn.Module, task: str, dist: Distillation | None) -> Callable:
   """The pure step `(state, batch, rng, teacher_params) -> (state, metrics)`.
 
   Only `state.params` (student/teacher model + distillation projector) is differentiated;
@@ -278,6 +277,29 @@ def check_teacher_dir(config: ml_collections.ConfigDict, teacher_dir: str) -> No
                        f'config ({difference})')
 
 
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info: data.TaskInfo,
+                       modalities: list[str], rng: Array, teacher: tuple[nn.Module, Any] | None,
+                       terms: tuple[distill.Term, ...]) -> tuple[train_state.TrainState, Distillation | None]:
+  """Initial state: params {'model', 'projector'} (projector only where distilled widths differ)."""
+  model_rng, projector_rng = jax.random.split(rng)
+  sample = dummy_batch(info, modalities)
+  params = {'model': model.init(model_rng, sample)['params'], 'projector': {}}
+  dist = None
+  if teacher is not None:
+    teacher_depth = teacher[0].num_cross_layers + teacher[0].num_self_layers
+    dist = Distillation(teacher[0], terms, validation.method_hparams(config),
+                        distill.resolve_layer_map(config.distill.layer_map, model.num_layers, teacher_depth),
+                        config.distill.task_weight)
+    _, pairs = jax.eval_shape(functools.partial(distillation_pairs, model, dist, train=False),
+                              params['model'], teacher[1], sample)
+    widths = distill.projection_widths(pairs)
+    if widths and config.distill.projection:
+      concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pairs)
+      params['projector'] = distill.Projector(widths).init(projector_rng, concrete)['params']
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config))
+  return state, dist
+
+
 def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: int, builder: Any,
               info: data.TaskInfo, teacher: tuple[nn.Module, Any] | None = None,
               terms: tuple[distill.Term, ...] = (), restore_only: bool = False) -> RunResult:
@@ -299,25 +321,8 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   modalities = list(model.modalities) if role == 'teacher' else [model.modality]
   if teacher is not None:
     modalities = list(dict.fromkeys(modalities + list(teacher[0].modalities)))
-  rng = jax.random.key(seed)
-  init_rng, projector_rng, step_rng = jax.random.split(rng, 3)
-  sample = dummy_batch(info, modalities)
-  params = {'model': model.init(init_rng, sample)['params'], 'projector': {}}
-  dist = None
-  if teacher is not None:
-    student_depth = model.num_layers
-    teacher_depth = teacher[0].num_cross_layers + teacher[0].num_self_layers
-    dist = Distillation(teacher[0], terms, validation.method_hparams(config),
-                        distill.resolve_layer_map(config.distill.layer_map, student_depth, teacher_depth),
-                        config.distill.task_weight)
-    _, pairs = jax.eval_shape(functools.partial(distillation_pairs, model, dist, train=False),
-                              params['model'], teacher[1], sample)
-    widths = distill.projection_widths(pairs)
-    if widths and config.distill.projection:
-      concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pairs)
-      params['projector'] = distill.Projector(widths).init(projector_rng, concrete)['params']
-  tx = create_optimizer(config)
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  step_rng, init_rng = jax.random.split(jax.random.key(seed))
+  state, dist = create_train_state(config, model, info, modalities, init_rng, teacher, terms)
   state = jax.device_put(state, replicated)
   teacher_params = jax.device_put(teacher[1], replicated) if teacher else None
 
@@ -329,7 +334,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
     train_iter.set_state(data_state)
     logging.info('%s: resumed at step %d', run_dir, int(state.step))
 
-  step_fn = jax.jit(make_train_step(model, info.task, tx, dist), donate_argnums=0)
+  step_fn = jax.jit(make_train_step(model, info.task, dist), donate_argnums=0)
   predict_fn = jax.jit(lambda p, b: model.apply({'params': p['model']}, b)[0], out_shardings=replicated)
   eval_split = lambda split: evaluate.compute_metrics(info.task, *evaluate.predict(
       predict_fn, state.params, pipeline.eval_batches(builder, split, modalities, config.train.eval_batch_size),
@@ -377,9 +382,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
             writer.add_scalar(f'train/{key}', value, step)
           with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
             f.write(json.dumps({'step': step, **values}) + '\n')
-      if step % config.train.eval_every == 0 or is_last:
-        save_checkpoint(step)
-      elif preemption.requested:
+      if step % config.train.eval_every == 0 or is_last or preemption.requested:
         save_checkpoint(step)
       if preemption.requested:
         logging.warning('[%s] SIGTERM: checkpoint saved at step %d; run the same command to resume', name, step)

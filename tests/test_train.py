@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mmkd_jax import checkpoint, train
+from mmkd_jax.data import pipeline
 
 
 def _saved_state(run_dir: str, step: int | None = None) -> dict:
@@ -83,3 +84,38 @@ def test_bfloat16_compute_trains_with_finite_float32_losses(tiny_config, tmp_pat
   # Parameters stay float32 whatever the compute dtype.
   saved = _saved_state(str(tmp_path / 'work'))
   assert {x.dtype for x in jax.tree.leaves(saved['params'])} == {np.dtype('float32')}
+
+
+def test_skip_nonfinite_skips_the_bad_step_counts_it_and_finishes(tiny_config, tmp_path, monkeypatch):
+  original = pipeline.train_iterator
+
+  class Poisoned:
+    """Puts a NaN into the features of the second batch."""
+
+    def __init__(self, iterator):
+      self.iterator, self.count = iterator, 0
+
+    def __next__(self):
+      batch = next(self.iterator)
+      self.count += 1
+      if self.count == 2:
+        batch['m0'][0, 0, 0] = np.nan
+      return batch
+
+    def get_state(self):
+      return self.iterator.get_state()
+
+    def set_state(self, state):
+      self.iterator.set_state(state)
+
+  monkeypatch.setattr(pipeline, 'train_iterator', lambda *a, **k: Poisoned(original(*a, **k)))
+  tiny_config.job = 'teacher'
+  tiny_config.train.skip_nonfinite = True
+  train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
+  with open(tmp_path / 'work' / 'metrics.jsonl') as f:
+    logged = [json.loads(line) for line in f]
+  assert [r['skipped_steps'] for r in logged] == [1, 1]
+  assert all(np.isfinite(r['loss']) for r in logged)
+  saved = _saved_state(str(tmp_path / 'work'))
+  assert int(saved['step']) == tiny_config.train.num_steps
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved['params']))

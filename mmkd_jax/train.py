@@ -312,9 +312,9 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
     checkpoint.claim_run_dir(run_dir, run_fingerprint(config, role, seed, teacher is not None), config.overwrite)
   mesh = create_mesh(config)
   for key in ('batch_size', 'eval_batch_size'):
-    if config.train[key] % (mesh.shape['data'] * jax.process_count()):
+    if config.train[key] % mesh.shape['data']:
       raise ValueError(f"config.train.{key}={config.train[key]} is not divisible by the {mesh.shape['data']} "
-                       f'devices of the data axis times {jax.process_count()} processes')
+                       'devices of the data axis (all processes)')
   data_sharding = NamedSharding(mesh, PartitionSpec('data'))
   replicated = NamedSharding(mesh, PartitionSpec())
   model = create_model(config, info, role)

@@ -29,23 +29,11 @@ import numpy as np
 import optax
 from tensorboardX import SummaryWriter
 
-from mmkd_jax import checkpoint, data, distill, evaluate, report, validation
+from mmkd_jax import checkpoint, data, distill, evaluate, optimizers, report, validation
 from mmkd_jax.data import pipeline
 from mmkd_jax.models import MODELS
-from mmkd_jax.registry import Registry
 
 Array = Any
-OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry('optimizer')
-OPTIMIZERS.register('adamw')(lambda lr, wd: optax.adamw(lr, weight_decay=wd))
-OPTIMIZERS.register('adam')(lambda lr, wd: optax.adam(lr))
-OPTIMIZERS.register('sgd')(lambda lr, wd: optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9)))
-SCHEDULES: Registry[Callable[[float, int, int], optax.Schedule]] = Registry('schedule')
-SCHEDULES.register('cosine')(lambda lr, warmup, total: optax.warmup_cosine_decay_schedule(
-    0.0, lr, warmup, max(total, warmup + 1)))
-SCHEDULES.register('constant')(lambda lr, warmup, total: optax.join_schedules(
-    [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]))
-SCHEDULES.register('linear')(lambda lr, warmup, total: optax.join_schedules(
-    [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, max(total - warmup, 1))], [warmup]))
 
 
 @dataclasses.dataclass
@@ -93,13 +81,6 @@ def task_loss(task: str, outputs: Array, labels: Array, weight: Array) -> Array:
   else:
     rows = jnp.mean(optax.sigmoid_binary_cross_entropy(outputs, labels.astype(jnp.float32)), axis=-1)
   return jnp.sum(rows * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  train = config.train
-  schedule = SCHEDULES.get(train.schedule)(train.learning_rate, train.warmup_steps, train.num_steps)
-  tx = OPTIMIZERS.get(train.optimizer)(schedule, train.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(train.grad_clip), tx) if train.grad_clip > 0 else tx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +277,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info
     if widths and config.distill.projection:
       concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pairs)
       params['projector'] = distill.Projector(widths).init(projector_rng, concrete)['params']
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config))
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optimizers.create_optimizer(config.train))
   return state, dist
 
 

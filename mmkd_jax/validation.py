@@ -5,7 +5,7 @@ is allowed.
 """
 import ml_collections
 
-from mmkd_jax import data, distill
+from mmkd_jax import data, distill, optimizers
 
 JOBS = ('teacher', 'student', 'distill')
 WIDTH_AGNOSTIC_METHODS = ('attention_transfer', 'relational')
@@ -42,11 +42,10 @@ def _choice(path: str, value: str, choices) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Checks names, sizes and distillation terms that need no dataset."""
-  from mmkd_jax import train  # the optimizer and schedule registries live with the loop
   _choice('job', config.job, JOBS)
   _choice('data.name', config.data.name, data.DATASETS.names())
-  _choice('train.optimizer', config.train.optimizer, train.OPTIMIZERS.names())
-  _choice('train.schedule', config.train.schedule, train.SCHEDULES.names())
+  _choice('train.optimizer', config.train.optimizer, optimizers.OPTIMIZERS.names())
+  _choice('train.schedule', config.train.schedule, optimizers.SCHEDULES.names())
   _choice('train.compute_dtype', config.train.compute_dtype, ('float32', 'bfloat16'))
   for path in ('teacher.width', 'teacher.num_heads', 'teacher.num_cross_layers', 'teacher.mlp_ratio',
                'student.width', 'student.num_heads', 'student.num_layers', 'student.mlp_ratio',

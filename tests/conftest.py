@@ -65,3 +65,23 @@ def write_tiny_config(directory, job: str = 'student', num_steps: int = 6, eval_
   path.write_text(TINY_CONFIG_FILE.format(data_dir=str(directory / 'data'), job=job, num_steps=num_steps,
                                           eval_every=eval_every, log_every=log_every))
   return str(path)
+
+
+class PoisonedIterator:
+  """Wraps a training iterator and puts a NaN into the features of modality m0 of batch `bad_batch`."""
+
+  def __init__(self, iterator, bad_batch: int):
+    self.iterator, self.bad_batch, self.count = iterator, bad_batch, 0
+
+  def __next__(self):
+    batch = next(self.iterator)
+    self.count += 1
+    if self.count == self.bad_batch:
+      batch['m0'][0, 0, 0] = float('nan')
+    return batch
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)

@@ -88,31 +88,10 @@ import sys
 from absl import app
 from mmkd_jax import main
 from mmkd_jax.data import pipeline
+from tests.conftest import PoisonedIterator
 
 original = pipeline.train_iterator
-
-
-class Poisoned:
-  """Passes batches through and puts a NaN into the features of batch {bad_step}."""
-
-  def __init__(self, iterator):
-    self.iterator, self.count = iterator, 0
-
-  def __next__(self):
-    batch = next(self.iterator)
-    self.count += 1
-    if self.count == {bad_step}:
-      batch['m0'][0, 0, 0] = float('nan')
-    return batch
-
-  def get_state(self):
-    return self.iterator.get_state()
-
-  def set_state(self, state):
-    self.iterator.set_state(state)
-
-
-pipeline.train_iterator = lambda *args, **kwargs: Poisoned(original(*args, **kwargs))
+pipeline.train_iterator = lambda *args, **kwargs: PoisonedIterator(original(*args, **kwargs), {bad_step})
 sys.argv = ['main', '--config={config}', '--workdir={workdir}']
 app.run(main.main)
 '''

@@ -9,6 +9,7 @@ import pytest
 
 from mmkd_jax import checkpoint, train
 from mmkd_jax.data import pipeline
+from tests.conftest import PoisonedIterator
 
 
 def _saved_state(run_dir: str, step: int | None = None) -> dict:
@@ -88,27 +89,7 @@ def test_bfloat16_compute_trains_with_finite_float32_losses(tiny_config, tmp_pat
 
 def test_skip_nonfinite_skips_the_bad_step_counts_it_and_finishes(tiny_config, tmp_path, monkeypatch):
   original = pipeline.train_iterator
-
-  class Poisoned:
-    """Puts a NaN into the features of the second batch."""
-
-    def __init__(self, iterator):
-      self.iterator, self.count = iterator, 0
-
-    def __next__(self):
-      batch = next(self.iterator)
-      self.count += 1
-      if self.count == 2:
-        batch['m0'][0, 0, 0] = np.nan
-      return batch
-
-    def get_state(self):
-      return self.iterator.get_state()
-
-    def set_state(self, state):
-      self.iterator.set_state(state)
-
-  monkeypatch.setattr(pipeline, 'train_iterator', lambda *a, **k: Poisoned(original(*a, **k)))
+  monkeypatch.setattr(pipeline, 'train_iterator', lambda *a, **k: PoisonedIterator(original(*a, **k), bad_batch=2))
   tiny_config.job = 'teacher'
   tiny_config.train.skip_nonfinite = True
   train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))

@@ -2,7 +2,7 @@
 
 Fourier-view students at the teacher's width and at half of it, distilled at the logits and
 the hidden states with KL, MSE and contrastive losses, two seeds each: 5 cells per student
-(KL on hidden states is skipped), 25 training runs of 400 steps: 10 minutes measured on 2 busy cores.
+(KL on hidden states is skipped), 25 training runs of 400 steps: 6-10 minutes measured on 2 cores (quiet vs busy).
 Run: python -m mmkd_jax.study --config=configs/study.py --workdir=/tmp/mmkd_study
 """
 import ml_collections

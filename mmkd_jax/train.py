@@ -259,10 +259,13 @@ def check_teacher_dir(config: ml_collections.ConfigDict, teacher_dir: str) -> No
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info: data.TaskInfo,
-                       modalities: list[str], rng: Array, teacher: tuple[nn.Module, Any] | None,
+                       modalities: list[str], rngs: tuple[Array, Array], teacher: tuple[nn.Module, Any] | None,
                        terms: tuple[distill.Term, ...]) -> tuple[train_state.TrainState, Distillation | None]:
-  """Initial state: params {'model', 'projector'} (projector only where distilled widths differ)."""
-  model_rng, projector_rng = jax.random.split(rng)
+  """Initial state: params {'model', 'projector'} (projector only where distilled widths differ).
+
+  `rngs` = (model init key, projector init key).
+  """
+  model_rng, projector_rng = rngs
   sample = dummy_batch(info, modalities)
   params = {'model': model.init(model_rng, sample)['params'], 'projector': {}}
   dist = None
@@ -302,8 +305,8 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   modalities = list(model.modalities) if role == 'teacher' else [model.modality]
   if teacher is not None:
     modalities = list(dict.fromkeys(modalities + list(teacher[0].modalities)))
-  step_rng, init_rng = jax.random.split(jax.random.key(seed))
-  state, dist = create_train_state(config, model, info, modalities, init_rng, teacher, terms)
+  init_rng, projector_rng, step_rng = jax.random.split(jax.random.key(seed), 3)
+  state, dist = create_train_state(config, model, info, modalities, (init_rng, projector_rng), teacher, terms)
   state = jax.device_put(state, replicated)
   teacher_params = jax.device_put(teacher[1], replicated) if teacher else None
 

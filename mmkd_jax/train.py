@@ -324,10 +324,11 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
       predict_fn, state.params, pipeline.eval_batches(builder, split, modalities, config.train.eval_batch_size),
       functools.partial(shard_global_batch, sharding=data_sharding)))
 
-  writer = SummaryWriter(run_dir) if jax.process_index() == 0 else None
+  # A restored-only run (someone else's teacher dir) writes nothing there.
+  writer = SummaryWriter(run_dir) if jax.process_index() == 0 and not restore_only else None
   name = os.path.relpath(run_dir, os.path.dirname(os.path.dirname(run_dir)))
-  num_steps = config.train.num_steps
   start_step = int(state.step)
+  num_steps = start_step if restore_only else config.train.num_steps
   accumulated, skipped, start_time = None, 0, time.perf_counter()
 
   def save_checkpoint(step: int) -> None:
@@ -339,7 +340,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
     checkpoint.save(manager, step, state, train_iter.get_state(), values)
 
   with _PreemptionFlag() as preemption:
-    for step in range(start_step + 1, start_step if restore_only else num_steps + 1):
+    for step in range(start_step + 1, num_steps + 1):
       batch = shard_local_batch(next(train_iter), data_sharding)
       state, step_metrics = step_fn(state, batch, step_rng, teacher_params)
       if float(step_metrics.nonfinite.total):

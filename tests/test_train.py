@@ -100,3 +100,19 @@ def test_skip_nonfinite_skips_the_bad_step_counts_it_and_finishes(tiny_config, t
   saved = _saved_state(str(tmp_path / 'work'))
   assert int(saved['step']) == tiny_config.train.num_steps
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved['params']))
+
+
+@pytest.mark.slow
+def test_distill_from_an_explicit_teacher_dir_restores_it_untouched(tiny_config, tmp_path):
+  """A teacher trained elsewhere (other budget) is restored, never trained or written to."""
+  teacher_config = tiny_config.copy_and_resolve_references()
+  teacher_config.job = 'teacher'
+  teacher_config.train.num_steps = 3
+  teacher_dir = tmp_path / 'teacher'
+  teacher = train.train_and_evaluate(teacher_config, str(teacher_dir))
+  before = sorted(os.listdir(teacher_dir)), sorted(os.listdir(teacher_dir / 'checkpoints'))
+  tiny_config.distill.teacher_dir = str(teacher_dir)
+  results = train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
+  assert results['teacher']['test'] == teacher['test']
+  assert (sorted(os.listdir(teacher_dir)), sorted(os.listdir(teacher_dir / 'checkpoints'))) == before
+  assert not (tmp_path / 'work' / 'teacher').exists()

@@ -1,6 +1,6 @@
 """The full study (mmkd_jax/study.py) for a real machine: every level, every method, five seeds.
 
-Students on the Fourier and the pixel views at the teacher's width and at half of it; single
+Students on the Fourier and the pixel views at configs/study.py's widths (the teacher's and half); single
 levels and the two combinations with the logits; every registered method; 1,500 steps per run.
 About 700 training runs (the budget check prints the exact count); use a GPU.
 Run: python -m mmkd_jax.study --config=configs/study_full.py --workdir=/tmp/mmkd_study_full
@@ -15,11 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Budget of every run (teacher, baselines, distilled students).
   config.train.num_steps = 1500
   config.train.log_every = 500
-  config.train.eval_every = 100
   # Student modalities (comma-separated), each one of config.teacher.modalities.
   config.study.modalities = 'fou,pix'
-  # Student widths (comma-separated): the teacher's and smaller.
-  config.study.widths = f'{config.teacher.width},{config.teacher.width // 2}'
   # Distillation levels (comma-separated); 'a+b' is one cell with one term of weight 1 per level.
   config.study.levels = 'logits,pooled,hidden,attention,hidden+logits,attention+logits'
   # Every registered distillation method.

@@ -3,7 +3,7 @@
 
 Usage: python benchmarks/bench.py [--batch 32] [--len_a 50] [--len_b 50] [--dim_a 74] [--dim_b 35]
        [--d 64] [--heads 4] [--layers 4] [--classes 7] [--steps 30] [--rounds 5] [--torch 1]
-       [--reference ../shared/bench/torch_reference.py]
+       [--reference ../shared/bench/torch_reference.py] [--cpu_devices 1] [--host_tuning 1]
 
 Times, at the reference's default sizes and with dropout 0:
   * the jitted train step (value_and_grad of softmax cross-entropy + optax Adam update,
@@ -17,6 +17,12 @@ When torch is importable (and --torch 1), the PyTorch reference (eager and torch
 is timed in the same process; JAX and torch measurements alternate over `--rounds` rounds
 (run sequentially, never concurrently) and the medians over rounds are reported, with the
 ratios JAX/torch-eager and JAX/torch-compiled. Prints a table and one JSON line.
+
+The process starts with the project's host settings (mmkd_jax/runtime.py, as a training
+run does): `--host_tuning 1` keeps freed malloc memory (this applies to torch in the same
+process too) and, with one JAX device, runs CPU computations on the calling thread;
+`--cpu_devices N` splits the CPU into N JAX devices and shards the batch over them (data
+parallelism, as in training). `--host_tuning 0` is JAX's defaults.
 """
 import argparse
 import importlib.util
@@ -30,10 +36,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mmkd_jax import runtime  # noqa: E402
 from mmkd_jax.models.student import Student  # noqa: E402
 from mmkd_jax.models.teacher import Teacher  # noqa: E402
 
@@ -50,6 +59,10 @@ def parse_args(argv=None):
   p.add_argument('--compile', type=int, default=1, help='also time torch.compile (with --torch 1)')
   p.add_argument('--reference', default=str(DEFAULT_REFERENCE))
   p.add_argument('--models', default='teacher,student')
+  p.add_argument('--cpu_devices', type=int, default=1,
+                 help='JAX CPU devices the batch is sharded over (config.host.cpu_devices)')
+  p.add_argument('--host_tuning', type=int, default=1,
+                 help="config.host.cpu_dispatch='auto' + keep_freed_memory, as training runs do (0: JAX defaults)")
   return p.parse_args(argv)
 
 
@@ -89,6 +102,11 @@ class JaxCase:
     self.batch = batch = jax_batch(a, rng)
     self.labels = labels = jnp.asarray(rng.integers(0, a.classes, a.batch), jnp.int32)
     params = model.init(jax.random.key(0), batch)['params']
+    # Data parallelism as in training: batch split on 'data' over all devices, parameters replicated.
+    mesh = Mesh(np.array(jax.devices()), ('data',))
+    self.batch = batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec('data')))
+    self.labels = labels = jax.device_put(labels, NamedSharding(mesh, PartitionSpec('data')))
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     self.num_params = sum(x.size for x in jax.tree.leaves(params))
     tx = optax.adam(1e-3)
 
@@ -154,12 +172,15 @@ class aot:
 
 
 def flops_of(jitted, *args):
-  """FLOPs of one call from XLA's cost analysis of the compiled executable (None if unavailable)."""
+  """FLOPs of one call over all devices, from XLA's cost analysis (None if unavailable).
+
+  The analysis is of the per-device SPMD program, so it is multiplied by the device count.
+  """
   try:
     cost = jitted.lower(*args).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
       cost = cost[0]
-    return float(cost['flops'])
+    return float(cost['flops']) * jax.device_count()
   except Exception:  # pragma: no cover - backend without cost analysis
     return None
 
@@ -207,6 +228,9 @@ def load_reference(path):
 
 def main(argv=None):
   a = parse_args(argv)
+  runtime.configure_host(ml_collections.ConfigDict(
+      {'host': {'cpu_devices': a.cpu_devices, 'cpu_dispatch': 'auto' if a.host_tuning else 'async',
+                'keep_freed_memory': bool(a.host_tuning)}}))
   models = [m for m in a.models.split(',') if m]
   torch = ref = None
   if a.torch:
@@ -220,6 +244,7 @@ def main(argv=None):
   info = {'date': time.strftime('%Y-%m-%d %H:%M'), 'machine': platform.processor() or platform.machine(),
           'cpus': os.cpu_count(), 'python': platform.python_version(), 'jax': jax.__version__,
           'backend': jax.default_backend(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'jax_devices': jax.device_count(), 'host_tuning': bool(a.host_tuning),
           'batch': a.batch, 'steps': a.steps, 'rounds': a.rounds,
           'loadavg_1m_start': round(os.getloadavg()[0], 2)}
   if torch is not None:
@@ -287,7 +312,8 @@ def print_table(result, models):
   print(f"# load average (1 min) at start/end: {info['loadavg_1m_start']}/{info['loadavg_1m_end']}")
   print(f"# {info['date']}  {info['machine']} x{info['cpus']}  python {info['python']}  jax {info['jax']}"
         + (f"  torch {info['torch']} ({info['torch_threads']} threads)" if 'torch' in info else '')
-        + f"  batch {info['batch']}, {info['rounds']} rounds x {info['steps']} steps")
+        + f"  batch {info['batch']}, {info['rounds']} rounds x {info['steps']} steps"
+        + f"  JAX devices {info['jax_devices']}, host tuning {'on' if info['host_tuning'] else 'off'}")
   cols = ['model', 'kind', 'jax/s', 'eager/s', 'compiled/s', 'jax/eager', 'jax/compiled', 'GFLOP/step', 'GFLOP/s']
   print(' | '.join(f'{c:>12}' for c in cols))
   for m in models:

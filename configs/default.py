@@ -96,6 +96,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = 0
   config.distributed.process_id = -1
 
+  config.host = ml_collections.ConfigDict()
+  # Split the host CPU into this many JAX devices (0 = JAX's default of one): the data-parallel
+  # step then spreads each model over the cores. The global batch must divide evenly.
+  config.host.cpu_devices = 0
+  # Where CPU computations run: 'sync' (on the calling thread), 'async' (on worker threads) or 'auto'
+  # (sync with one CPU device, async with several: the faster of the two in benchmarks/README.md).
+  config.host.cpu_dispatch = 'auto'
+  # Let glibc malloc keep freed memory, so that each step's large scratch buffer is not mapped and
+  # page-faulted in again every step (see mmkd_jax/runtime.py).
+  config.host.keep_freed_memory = True
+
   config.mesh = ml_collections.ConfigDict()
   # Devices on the 'model' mesh axis (reserved; 1 = pure data parallelism over all devices).
   config.mesh.model = 1

@@ -29,7 +29,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from mmkd_jax import checkpoint, data, distill, evaluate, export, train, validation
+from mmkd_jax import checkpoint, data, distill, evaluate, export, runtime, train, validation
 from mmkd_jax.data import pipeline
 from mmkd_jax.registry import Registry
 
@@ -296,6 +296,7 @@ def _summary(runs: list[train.RunResult], fingerprints: dict[str, dict], start: 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the study of `config.study` in `workdir` and writes its tables and plots."""
+  runtime.configure_host(config)
   builder = data.load_builder(config.data)
   info = data.task_info(builder)
   grid = plan(config, info)

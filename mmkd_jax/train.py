@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from tensorboardX import SummaryWriter
 
-from mmkd_jax import checkpoint, data, distill, evaluate, optimizers, report, validation
+from mmkd_jax import checkpoint, data, distill, evaluate, optimizers, report, runtime, validation
 from mmkd_jax.data import pipeline
 from mmkd_jax.models import MODELS
 
@@ -409,6 +409,7 @@ def load_data(config: ml_collections.ConfigDict) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.job` in `workdir` (see the module docstring) and returns its results."""
   validation.check_config(config)
+  runtime.configure_host(config)
   initialize_distributed(config)
   builder = load_data(config)
   info = data.task_info(builder)

@@ -5,7 +5,7 @@ is allowed.
 """
 import ml_collections
 
-from mmkd_jax import data, distill, optimizers
+from mmkd_jax import data, distill, optimizers, runtime
 
 JOBS = ('teacher', 'student', 'distill')
 WIDTH_AGNOSTIC_METHODS = ('attention_transfer', 'relational')
@@ -47,6 +47,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _choice('train.optimizer', config.train.optimizer, optimizers.OPTIMIZERS.names())
   _choice('train.schedule', config.train.schedule, optimizers.SCHEDULES.names())
   _choice('train.compute_dtype', config.train.compute_dtype, ('float32', 'bfloat16'))
+  _choice('host.cpu_dispatch', config.host.cpu_dispatch, runtime.CPU_DISPATCH)
   for path in ('teacher.width', 'teacher.num_heads', 'teacher.num_cross_layers', 'teacher.mlp_ratio',
                'student.width', 'student.num_heads', 'student.num_layers', 'student.mlp_ratio',
                'train.batch_size', 'train.eval_batch_size', 'train.num_steps', 'train.learning_rate',
@@ -54,7 +55,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                'mesh.model'):
     _positive(config, path)
   for path in ('teacher.num_self_layers', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip',
-               'teacher.dropout_rate', 'student.dropout_rate', 'distill.task_weight'):
+               'teacher.dropout_rate', 'student.dropout_rate', 'distill.task_weight', 'host.cpu_devices'):
     _positive(config, path, allow_zero=True)
   for role in ('teacher', 'student'):
     if config[role].width % config[role].num_heads:

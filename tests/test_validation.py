@@ -43,6 +43,8 @@ CASES = [
     ('student.num_heads', 3, 'config.student.width=8 is not divisible by config.student.num_heads=3'),
     ('teacher.modalities', 'm0', "config.teacher.modalities='m0': the teacher needs at least two"),
     ('report.seeds', '0,x', "config.report.seeds='0,x': expected comma-separated integers"),
+    ('host.cpu_dispatch', 'threads', "config.host.cpu_dispatch='threads' is unknown; valid choices: auto, sync, async"),
+    ('host.cpu_devices', -2, 'config.host.cpu_devices=-2 must be >= 0'),
 ]
 
 

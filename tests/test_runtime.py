@@ -1,0 +1,72 @@
+"""Host runtime settings: malloc keeps freed memory, CPU devices and dispatch follow config.host."""
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from configs import default
+from mmkd_jax import runtime
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Mallocs, touches and frees a 100 MB block 5 times; prints the page faults of the last 4.
+_FAULTS = textwrap.dedent('''
+    import ctypes, resource, sys
+    from mmkd_jax import runtime
+    if sys.argv[1] == 'keep':
+      assert runtime.keep_freed_memory()
+    libc = ctypes.CDLL('libc.so.6')
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    def touch():
+      block = libc.malloc(100 << 20)
+      ctypes.memset(block, 1, 100 << 20)
+      libc.free(block)
+    touch()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+      touch()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+''')
+
+
+def _run(*args: str) -> str:
+  result = subprocess.run([sys.executable, '-c', *args], cwd=REPO, capture_output=True, text=True, check=True,
+                          timeout=300)
+  return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning is Linux-only')
+def test_keep_freed_memory_stops_refaulting_large_blocks():
+  pages = (100 << 20) // 4096
+  default_faults = int(_run(_FAULTS, 'default'))
+  kept_faults = int(_run(_FAULTS, 'keep'))
+  assert default_faults > 2 * pages  # each fresh 100 MB block is faulted in again
+  assert kept_faults < pages // 10   # the freed block is reused from the heap
+
+
+def test_cpu_devices_and_dispatch_follow_config():
+  script = textwrap.dedent('''
+      import sys, jax
+      from configs import default
+      from mmkd_jax import runtime
+      config = default.get_config()
+      config.host.cpu_devices = int(sys.argv[1])
+      runtime.configure_host(config)
+      print(jax.device_count(), jax.config.values['jax_cpu_enable_async_dispatch'])
+  ''')
+  assert _run(script, '2') == '2 True'   # auto: async with several devices
+  assert _run(script, '0') == '1 False'  # auto: sync with one
+
+
+def test_cpu_devices_after_jax_started_is_a_clear_error():
+  jax.devices()  # this process's backend is running
+  config = default.get_config()
+  config.host.cpu_devices = len(jax.devices('cpu')) + 1
+  with pytest.raises(ValueError, match=rf'config.host.cpu_devices={config.host.cpu_devices} cannot take effect'):
+    runtime.configure_host(config)
+  config.host.cpu_devices = len(jax.devices('cpu'))  # what is already there is fine
+  runtime.configure_host(config)

@@ -58,6 +58,8 @@ def parse_args(argv=None):
   p.add_argument('--torch', type=int, default=1, help='also time the PyTorch reference when importable')
   p.add_argument('--compile', type=int, default=1, help='also time torch.compile (with --torch 1)')
   p.add_argument('--reference', default=str(DEFAULT_REFERENCE))
+  p.add_argument('--torch_device', default='cpu', help="where the reference runs ('cpu' or 'cuda'); "
+                 'JAX runs on its default backend')
   p.add_argument('--models', default='teacher,student')
   p.add_argument('--cpu_devices', type=int, default=1,
                  help='JAX CPU devices the batch is sharded over (config.host.cpu_devices)')
@@ -193,9 +195,12 @@ class TorchCase:
   def __init__(self, ref, torch, name, a, compiled):
     torch.manual_seed(0)
     self.torch = torch
-    self.xa, self.xb = torch.randn(a.batch, a.len_a, a.dim_a), torch.randn(a.batch, a.len_b, a.dim_b)
-    self.y = torch.randint(0, a.classes, (a.batch,))
-    model = (ref.Teacher if name == 'teacher' else ref.Student)(a)
+    device = torch.device(a.torch_device)
+    self.sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    self.xa = torch.randn(a.batch, a.len_a, a.dim_a).to(device)
+    self.xb = torch.randn(a.batch, a.len_b, a.dim_b).to(device)
+    self.y = torch.randint(0, a.classes, (a.batch,)).to(device)
+    model = (ref.Teacher if name == 'teacher' else ref.Student)(a).to(device)
     self.num_params = sum(q.numel() for q in model.parameters())
     self.opt = torch.optim.Adam(model.parameters(), 1e-3)
     self.model = torch.compile(model) if compiled else model
@@ -211,10 +216,12 @@ class TorchCase:
     loss = self.torch.nn.functional.cross_entropy(self.model(self.xa, self.xb), self.y)
     loss.backward()
     self.opt.step()
+    self.sync()
 
   def infer(self):
     with self.torch.inference_mode():
       self.model(self.xa, self.xb)
+    self.sync()
 
 
 def load_reference(path):
@@ -244,11 +251,12 @@ def main(argv=None):
   info = {'date': time.strftime('%Y-%m-%d %H:%M'), 'machine': platform.processor() or platform.machine(),
           'cpus': os.cpu_count(), 'python': platform.python_version(), 'jax': jax.__version__,
           'backend': jax.default_backend(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          'jax_devices': jax.device_count(), 'host_tuning': bool(a.host_tuning),
+          'jax_devices': jax.device_count(), 'jax_device_kind': jax.devices()[0].device_kind,
+          'host_tuning': bool(a.host_tuning),
           'batch': a.batch, 'steps': a.steps, 'rounds': a.rounds,
           'loadavg_1m_start': round(os.getloadavg()[0], 2)}
   if torch is not None:
-    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_device=a.torch_device)
 
   cases = {}  # (model, impl) -> case
   for m in models:

@@ -55,11 +55,26 @@ class ExportedStudent:
     self.exported = exported
     self.metadata = metadata
     self.modality: str = metadata['modality']
+    self.device = device_for(exported.platforms)
     self._call = jax.jit(exported.call)
 
   def __call__(self, batch: dict[str, Array]) -> jax.Array:
-    return self._call(jnp.asarray(batch[self.modality], jnp.float32),
-                      jnp.asarray(batch[f'{self.modality}_mask'], jnp.bool_))
+    with jax.default_device(self.device):
+      return self._call(jnp.asarray(batch[self.modality], jnp.float32),
+                        jnp.asarray(batch[f'{self.modality}_mask'], jnp.bool_))
+
+
+def device_for(platforms: Sequence[str]) -> jax.Device:
+  """The first local device of the first of `platforms` present here (a CPU export runs on the
+  host CPU also where JAX's default device is a GPU)."""
+  for platform in platforms:
+    try:
+      return jax.local_devices(backend=platform)[0]
+    except RuntimeError:  # no such backend here
+      continue
+  available = sorted({d.platform for d in jax.local_devices()} | {'cpu'})
+  raise ValueError(f'the student was exported for platforms {list(platforms)}, none of which is available '
+                   f'here ({", ".join(available)}); export it again with one of those')
 
 
 def load_exported(path: str) -> ExportedStudent:

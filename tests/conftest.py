@@ -3,7 +3,12 @@ import os
 
 # Tiny test models: XLA's backend optimisations cost more compile time than they save (about -35%
 # wall time measured on the end-to-end tests). Set before JAX starts; subprocesses inherit it.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+# On GPUs, deterministic reductions so that resumed runs are bitwise equal (ignored on CPU).
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+                           ' --xla_gpu_deterministic_ops=true').strip()
+# Numerics are checked against float64 references: full float32 matmuls also on GPUs, whose default is
+# TF32 (a no-op on CPU). Read by JAX at import; subprocesses inherit it.
+os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

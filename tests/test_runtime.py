@@ -56,7 +56,7 @@ def test_cpu_devices_and_dispatch_follow_config():
       config = default.get_config()
       config.host.cpu_devices = int(sys.argv[1])
       runtime.configure_host(config)
-      print(jax.device_count(), jax.config.values['jax_cpu_enable_async_dispatch'])
+      print(len(jax.devices('cpu')), jax.config.values['jax_cpu_enable_async_dispatch'])
   ''')
   assert _run(script, '2') == '2 True'   # auto: async with several devices
   assert _run(script, '0') == '1 False'  # auto: sync with one

@@ -142,6 +142,24 @@ def test_exported_student_matches_the_in_memory_student(tmp_path):
   subprocess.run([sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+def test_exported_student_runs_on_a_platform_it_was_exported_for(tmp_path):
+  """A student exported for several platforms runs on the first present here (the CPU on a GPU host
+  too); one exported only for absent platforms fails on load with a one-line error."""
+  model = Student('m0', num_outputs=3, width=8, num_heads=2, num_layers=1)
+  batch = {'m0': np.ones((2, 6, 4), np.float32), 'm0_mask': np.ones((2, 6), bool)}
+  params = model.init(jax.random.key(0), batch)['params']
+  present = {d.platform for d in jax.devices()} | {'cpu'}
+  path = str(tmp_path / 'multi.npz')
+  export.export_student(model, params, (6, 4), path, platforms=('tpu', 'cpu'))
+  loaded = export.load_exported(path)
+  assert loaded.device.platform == ('tpu' if 'tpu' in present else 'cpu')
+  np.testing.assert_allclose(loaded(batch), model.apply({'params': params}, batch)[0], rtol=1e-5, atol=1e-5)
+  if 'tpu' not in present:
+    export.export_student(model, params, (6, 4), str(tmp_path / 'tpu.npz'), platforms=('tpu',))
+    with pytest.raises(ValueError, match=r"exported for platforms \['tpu'\], none of which is available here"):
+      export.load_exported(str(tmp_path / 'tpu.npz'))
+
+
 @pytest.mark.parametrize('overrides, message', [
     ({'study.levels': ''}, 'config.study.levels is empty'),
     ({'study.methods': 'mse,kld'}, "config.study.methods: unknown distillation method 'kld'; valid choices: all,"),

@@ -65,7 +65,23 @@ def parse_args(argv=None):
                  help='JAX CPU devices the batch is sharded over (config.host.cpu_devices)')
   p.add_argument('--host_tuning', type=int, default=1,
                  help="config.host.cpu_dispatch='auto' + keep_freed_memory, as training runs do (0: JAX defaults)")
+  p.add_argument('--cpu_dispatch', default='', choices=('', 'auto', 'sync', 'async'),
+                 help="override config.host.cpu_dispatch ('' = what --host_tuning implies)")
+  p.add_argument('--model_devices', default='',
+                 help="devices per model, e.g. 'teacher=1,student=2' (default: all for every model)")
   return p.parse_args(argv)
+
+
+def parse_model_devices(spec):
+  """'teacher=1,student=2' -> {'teacher': 1, 'student': 2}, each at most the device count."""
+  out = {}
+  for item in filter(None, spec.split(',')):
+    name, _, count = item.partition('=')
+    if name not in ('teacher', 'student') or not count.isdigit() or not 1 <= int(count) <= jax.device_count():
+      raise SystemExit(f'--model_devices: bad entry {item!r}; expected teacher=N or student=N with '
+                       f'1 <= N <= {jax.device_count()} (the --cpu_devices)')
+    out[name] = int(count)
+  return out
 
 
 def step_times(fn, steps, warmup):
@@ -98,14 +114,15 @@ def jax_model(name, a):
 class JaxCase:
   """Jitted train step and inference of one model, with its compile time and FLOPs."""
 
-  def __init__(self, name, a, compiler_options=None):
+  def __init__(self, name, a, compiler_options=None, num_devices=0):
     self.model = model = jax_model(name, a)
     rng = np.random.default_rng(0)
     self.batch = batch = jax_batch(a, rng)
     self.labels = labels = jnp.asarray(rng.integers(0, a.classes, a.batch), jnp.int32)
     params = model.init(jax.random.key(0), batch)['params']
-    # Data parallelism as in training: batch split on 'data' over all devices, parameters replicated.
-    mesh = Mesh(np.array(jax.devices()), ('data',))
+    # Data parallelism as in training: batch split on 'data' over the devices, parameters replicated.
+    mesh = Mesh(np.array(jax.devices()[:num_devices or None]), ('data',))
+    self.num_devices = mesh.size
     self.batch = batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec('data')))
     self.labels = labels = jax.device_put(labels, NamedSharding(mesh, PartitionSpec('data')))
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
@@ -141,8 +158,8 @@ class JaxCase:
     self.infer_jit(p, batch).block_until_ready()
     self.infer_first_s = time.perf_counter() - t
 
-    self.train_flops = flops_of(self.train_jit, *self.state, batch, labels)
-    self.infer_flops = flops_of(self.infer_jit, self.state[0], batch)
+    self.train_flops = flops_of(self.train_jit, self.num_devices, *self.state, batch, labels)
+    self.infer_flops = flops_of(self.infer_jit, self.num_devices, self.state[0], batch)
 
   def train(self):
     p, o, loss = self.train_jit(*self.state, self.batch, self.labels)
@@ -173,8 +190,8 @@ class aot:
     return _Lowered()
 
 
-def flops_of(jitted, *args):
-  """FLOPs of one call over all devices, from XLA's cost analysis (None if unavailable).
+def flops_of(jitted, num_devices, *args):
+  """FLOPs of one call over its `num_devices` devices, from XLA's cost analysis (None if unavailable).
 
   The analysis is of the per-device SPMD program, so it is multiplied by the device count.
   """
@@ -182,7 +199,7 @@ def flops_of(jitted, *args):
     cost = jitted.lower(*args).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
       cost = cost[0]
-    return float(cost['flops']) * jax.device_count()
+    return float(cost['flops']) * num_devices
   except Exception:  # pragma: no cover - backend without cost analysis
     return None
 
@@ -236,7 +253,8 @@ def load_reference(path):
 def main(argv=None):
   a = parse_args(argv)
   runtime.configure_host(ml_collections.ConfigDict(
-      {'host': {'cpu_devices': a.cpu_devices, 'cpu_dispatch': 'auto' if a.host_tuning else 'async',
+      {'host': {'cpu_devices': a.cpu_devices,
+                'cpu_dispatch': a.cpu_dispatch or ('auto' if a.host_tuning else 'async'),
                 'keep_freed_memory': bool(a.host_tuning)}}))
   models = [m for m in a.models.split(',') if m]
   torch = ref = None
@@ -259,8 +277,9 @@ def main(argv=None):
     info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_device=a.torch_device)
 
   cases = {}  # (model, impl) -> case
+  model_devices = parse_model_devices(a.model_devices)
   for m in models:
-    cases[m, 'jax'] = JaxCase(m, a)
+    cases[m, 'jax'] = JaxCase(m, a, num_devices=model_devices.get(m, 0))
     if torch is not None:
       cases[m, 'torch_eager'] = TorchCase(ref, torch, m, a, compiled=False)
       if a.compile:
@@ -286,7 +305,8 @@ def main(argv=None):
   result = {'info': info}
   for m in models:
     jc = cases[m, 'jax']
-    res = {'params_jax': int(jc.num_params), 'compile_first_step_s': round(jc.train_first_s, 2),
+    res = {'jax_devices': jc.num_devices, 'params_jax': int(jc.num_params),
+           'compile_first_step_s': round(jc.train_first_s, 2),
            'compile_first_infer_s': round(jc.infer_first_s, 2),
            'train_flops_per_step': jc.train_flops, 'infer_flops_per_step': jc.infer_flops,
            'flops_source': 'xla cost_analysis'}
@@ -332,7 +352,7 @@ def print_table(result, models):
              r.get(f'{kind}_ratio_vs_torch_eager'), r.get(f'{kind}_ratio_vs_torch_compiled'),
              None if flops is None else round(flops / 1e9, 2), r.get(f'{kind}_jax_gflops_per_s')]
       print(' | '.join(f'{"-" if v is None else v:>12}' for v in row))
-    print(f"{m}: JAX compile+first train step {r['compile_first_step_s']} s, first inference "
+    print(f"{m}: JAX on {r['jax_devices']} device(s), compile+first train step {r['compile_first_step_s']} s, first inference "
           f"{r['compile_first_infer_s']} s; params jax {r['params_jax']} torch {r.get('params_torch', '-')}")
 
 

@@ -1,0 +1,36 @@
+"""The speed benchmark runs end to end at toy sizes (a smoke test: no timing is checked)."""
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ['--batch', '4', '--len_a', '3', '--len_b', '5', '--dim_a', '6', '--dim_b', '7', '--d', '8', '--heads', '2',
+        '--layers', '1', '--classes', '3', '--rounds', '1', '--steps', '2', '--warmup', '1', '--torch', '0']
+
+
+def _bench(*args: str) -> dict:
+  result = subprocess.run([sys.executable, 'benchmarks/bench.py', *TINY, *args], cwd=REPO, capture_output=True,
+                          text=True, check=True, timeout=300)
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_bench_reports_throughput_flops_and_devices_per_model():
+  out = _bench('--cpu_devices', '2', '--cpu_dispatch', 'sync', '--model_devices', 'teacher=1,student=2')
+  assert out['info']['jax_devices'] == 2
+  assert (out['teacher']['jax_devices'], out['student']['jax_devices']) == (1, 2)
+  for model in ('teacher', 'student'):
+    for kind in ('train', 'infer'):
+      assert out[model][f'{kind}_jax'] > 0 and out[model][f'{kind}_flops_per_step'] > 0
+    assert out[model]['compile_first_step_s'] > 0
+  # FLOPs count every device: the student's forward pass on two devices is the same work as on one
+  # (training also repeats the replicated optimizer update on each device, which dominates at toy sizes).
+  single = _bench('--models', 'student')
+  assert abs(single['student']['infer_flops_per_step'] / out['student']['infer_flops_per_step'] - 1) < 0.05
+
+
+def test_bench_rejects_bad_model_devices():
+  result = subprocess.run([sys.executable, 'benchmarks/bench.py', *TINY, '--model_devices', 'teacher=3'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "--model_devices: bad entry 'teacher=3'" in result.stderr

@@ -118,19 +118,26 @@ def test_teacher_needs_two_modalities():
     _teacher(('a',)).init(jax.random.key(0), _batch(('a',)))
 
 
+KINDS = ['teacher2', 'teacher3', 'student']
+
+
+def _setup(kind):
+  """(modalities, params, apply, batch) of a two- or three-modality teacher or the student."""
+  modalities = {'teacher2': ('a', 'b'), 'teacher3': ('a', 'b', 'c'), 'student': ('a',)}[kind]
+  params, apply = _init(_student() if kind == 'student' else _teacher(modalities))
+  return modalities, params, apply, _batch(modalities)
+
+
 def _key_masks(modalities, batch):
   """Stream m -> (key mask over the other modalities for cross layers, m's own mask)."""
   return {m: (np.concatenate([np.asarray(batch[f'{o}_mask']) for o in modalities if o != m], axis=1),
               np.asarray(batch[f'{m}_mask'])) for m in modalities}
 
 
-@pytest.mark.parametrize('kind', ['teacher2', 'teacher3', 'student'])
+@pytest.mark.parametrize('kind', KINDS)
 def test_attention_rows_sum_to_one_and_skip_padded_keys(kind):
   """Every attention row is a distribution that puts exactly 0 on padded keys."""
-  modalities = {'teacher2': ('a', 'b'), 'teacher3': ('a', 'b', 'c'), 'student': ('a',)}[kind]
-  model = _student() if kind == 'student' else _teacher(modalities)
-  params, apply = _init(model)
-  batch = _batch(modalities)
+  modalities, params, apply, batch = _setup(kind)
   _, taps = apply(params, batch)
   masks = _key_masks(modalities, batch) if kind != 'student' else {'a': (None, np.asarray(batch['a_mask']))}
   for m, maps in taps['attn'].items():
@@ -155,13 +162,10 @@ def _scramble_padding(batch, modalities, seed=1):
   return out
 
 
-@pytest.mark.parametrize('kind', ['teacher2', 'teacher3', 'student'])
+@pytest.mark.parametrize('kind', KINDS)
 def test_padding_values_do_not_matter(kind):
   """Features at padded positions change no logits, pooled or real-position hidden states."""
-  modalities = {'teacher2': ('a', 'b'), 'teacher3': ('a', 'b', 'c'), 'student': ('a',)}[kind]
-  model = _student() if kind == 'student' else _teacher(modalities)
-  params, apply = _init(model)
-  batch = _batch(modalities)
+  modalities, params, apply, batch = _setup(kind)
   scrambled = _scramble_padding(batch, modalities)
   assert not np.allclose(scrambled[modalities[-1]], batch[modalities[-1]])
   logits, taps = apply(params, batch)

@@ -85,25 +85,33 @@ def claim_run_dir(run_dir: str, fingerprint: dict, overwrite: bool) -> None:
   The fingerprint (the config that shapes the run) is stored as run.json. With `overwrite`,
   a run of another config is deleted first.
   """
-  path = os.path.join(run_dir, 'run.json')
   fingerprint = json.loads(json.dumps(fingerprint))
-  if os.path.exists(path):
-    with open(path) as f:
-      difference = first_difference(json.load(f), fingerprint)
+  found = read_fingerprint(run_dir)
+  if found is not None:
+    difference = first_difference(found, fingerprint)
     if difference and not overwrite:
       raise ValueError(f'{run_dir} holds a run of another config ({difference}); use another --workdir or '
                        'set --config.overwrite=True to replace it')
     if difference:
       shutil.rmtree(run_dir)
-  os.makedirs(run_dir, exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(fingerprint, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  write_json(os.path.join(run_dir, 'run.json'), fingerprint, sort_keys=True)
 
 
 def read_fingerprint(run_dir: str) -> dict | None:
-  path = os.path.join(run_dir, 'run.json')
+  return read_json(os.path.join(run_dir, 'run.json'))
+
+
+def read_json(path: str) -> dict | None:
+  """The JSON object at `path`, or None if there is no file."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def write_json(path: str, value: dict, sort_keys: bool = False) -> None:
+  """Writes `value` to `path` atomically (a crash leaves the old file or none, never half of one)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=sort_keys)
+  os.replace(f'{path}.tmp', path)

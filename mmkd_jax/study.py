@@ -244,21 +244,6 @@ def result_path(workdir: str, of: str | tuple[str, int] | Cell) -> str:
   return os.path.join(workdir, f'{of}.json')
 
 
-def _read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, value: dict) -> None:
-  """Writes `value` to `path` atomically (a crash leaves the old file or none, never half of one)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(f'{path}.tmp', 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(f'{path}.tmp', path)
-
-
 def _fingerprints(config: ml_collections.ConfigDict, role: str, seeds: tuple[int, ...],
                   distilled: bool) -> dict[str, dict]:
   """Seed -> `train.run_fingerprint`: the config a stored result of these runs depends on."""
@@ -271,7 +256,7 @@ def _finished(path: str, fingerprints: dict[str, dict], overwrite: bool) -> dict
   Other seeds (an extended grid) are recomputed: finished runs restore from their checkpoints.
   A result of another config is refused, as `train.train_run` refuses a run directory of one.
   """
-  stored = _read_json(path)
+  stored = checkpoint.read_json(path)
   if stored is None or set(stored['fingerprints']) != set(fingerprints):
     return None
   difference = checkpoint.first_difference(stored['fingerprints'], fingerprints)
@@ -296,10 +281,10 @@ def _summary(runs: list[train.RunResult], fingerprints: dict[str, dict], start: 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the study of `config.study` in `workdir` and writes its tables and plots."""
-  runtime.configure_host(config)
   builder = data.load_builder(config.data)
   info = data.task_info(builder)
-  grid = plan(config, info)
+  grid = plan(config, info)  # checks every cell's config, config.host included
+  runtime.configure_host(config)
   if config.distill.teacher_dir:
     train.check_teacher_dir(config, config.distill.teacher_dir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -329,7 +314,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if teacher_todo:
     start = time.perf_counter()
     result = teacher()
-    _write_json(result_path(workdir, 'teacher'), {
+    checkpoint.write_json(result_path(workdir, 'teacher'), {
         **_summary([result], prints['teacher'], start, modalities=list(result.model.modalities),
                    width=config.teacher.width, dir=teacher_dir),
         'latency_ms': 1e3 * train.latency(result.model, result.params, info, config),
@@ -340,7 +325,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
     student_config = run_config(config, *student)
     runs = _train_seeds(student_config, os.path.join(workdir, 'baselines', student_id(*student)), grid.seeds,
                         builder, info)
-    _write_json(result_path(workdir, student), {
+    checkpoint.write_json(result_path(workdir, student), {
         **_summary(runs, prints[student], start, id=student_id(*student), modality=student[0], width=student[1]),
         'latency_ms': 1e3 * train.latency(runs[0].model, runs[0].params, info, student_config)})
 
@@ -358,7 +343,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metadata={'cell': cell.id, 'seed': grid.seeds[best], 'task': info.task, 'num_outputs': info.num_outputs,
                   'label_names': list(info.label_names), 'test': runs[best].test},
         platforms=grid.platforms)
-    _write_json(result_path(workdir, cell), {
+    checkpoint.write_json(result_path(workdir, cell), {
         **_summary(runs, prints[cell], start, id=cell.id, modality=cell.modality, width=cell.width,
                    levels=list(cell.levels), method=cell.method, terms=cell.terms),
         'export': export_path, 'export_seed': grid.seeds[best]})
@@ -393,9 +378,9 @@ def _row(kind: str, name: str, inputs: str, width: int, per_seed: list[dict], me
 
 def collect(config: ml_collections.ConfigDict, info: data.TaskInfo, grid: Plan, workdir: str) -> dict:
   """Reads the stored results of the grid into table rows, the best cell and its exported latency."""
-  teacher = _read_json(result_path(workdir, 'teacher'))
-  baselines = {s: _read_json(result_path(workdir, s)) for s in grid.students}
-  cells = {c: _read_json(result_path(workdir, c)) for c in grid.cells}
+  teacher = checkpoint.read_json(result_path(workdir, 'teacher'))
+  baselines = {s: checkpoint.read_json(result_path(workdir, s)) for s in grid.students}
+  cells = {c: checkpoint.read_json(result_path(workdir, c)) for c in grid.cells}
   metrics = grid.metrics
   rows = [_row('teacher', 'teacher', '+'.join(teacher['modalities']), teacher['width'], teacher['test'],
                metrics, teacher['params'], teacher['latency_ms'])]
@@ -478,7 +463,7 @@ def markdown(results: dict) -> str:
 
 def write_tables(results: dict, workdir: str) -> None:
   """Writes study.json, study.csv (one row per model, empty where not applicable) and study.md."""
-  _write_json(os.path.join(workdir, 'study.json'), results)
+  checkpoint.write_json(os.path.join(workdir, 'study.json'), results)
   with open(os.path.join(workdir, 'study.csv.tmp'), 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(results['rows'][0]))
     writer.writeheader()

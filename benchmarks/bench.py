@@ -114,7 +114,7 @@ def jax_model(name, a):
 class JaxCase:
   """Jitted train step and inference of one model, with its compile time and FLOPs."""
 
-  def __init__(self, name, a, compiler_options=None, num_devices=0):
+  def __init__(self, name, a, num_devices=0):
     self.model = model = jax_model(name, a)
     rng = np.random.default_rng(0)
     self.batch = batch = jax_batch(a, rng)
@@ -144,9 +144,6 @@ class JaxCase:
     self.train_jit = jax.jit(train_step, donate_argnums=(0, 1))
     self.infer_jit = jax.jit(infer)
     self.state = (params, tx.init(params))
-    if compiler_options:  # per-executable XLA debug options (e.g. {'xla_cpu_...': ...})
-      self.train_jit = aot(self.train_jit, compiler_options, *self.state, batch, labels)
-      self.infer_jit = aot(self.infer_jit, compiler_options, params, batch)
 
     # compile + first run, measured apart (includes tracing, lowering and XLA compile)
     t = time.perf_counter()
@@ -168,26 +165,6 @@ class JaxCase:
 
   def infer(self):
     self.infer_jit(self.state[0], self.batch).block_until_ready()
-
-
-class aot:
-  """A jitted function compiled ahead of time with `compiler_options`, called like the jitted one."""
-
-  def __init__(self, jitted, options, *args):
-    self.jitted, self.options, self.args, self.compiled = jitted, options, args, None
-
-  def __call__(self, *args):
-    if self.compiled is None:
-      self.compiled = self.jitted.lower(*self.args).compile(compiler_options=self.options)
-    return self.compiled(*args)
-
-  def lower(self, *args):
-    outer = self
-
-    class _Lowered:
-      def compile(self):
-        return outer.compiled
-    return _Lowered()
 
 
 def flops_of(jitted, num_devices, *args):

@@ -9,9 +9,10 @@ import importlib.resources
 import io
 import lzma
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from mmkd_jax.data.local_builder import LocalCodePath
 
 # View -> (number of features, features per token). The last token of a view is zero
 # padded; pix tokens of 15 are the rows of its 15x16 image.
@@ -94,18 +95,12 @@ def tokenize(x: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
   return padded.reshape(n, length, chunk), np.broadcast_to(mask, (n, length)).copy()
 
 
-class Mfeat(tfds.core.GeneratorBasedBuilder):
+class Mfeat(LocalCodePath, tfds.core.GeneratorBasedBuilder):
   """UCI Multiple Features as six token-sequence views with a 1400/300/300 stratified split."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
-  # tfds 4.9.10 finds a builder's module via the `importlib_resources` backport, which it does
-  # not install on Python >= 3.9 (tensorflow/datasets#11212); give it the module path directly.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = {}

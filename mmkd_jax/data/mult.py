@@ -24,6 +24,7 @@ from etils import epath
 
 from mmkd_jax import registry
 from mmkd_jax.data import safe_pickle
+from mmkd_jax.data.local_builder import LocalCodePath
 from mmkd_jax.metrics import IEMOCAP_EMOTIONS
 
 MODALITIES = ('text', 'audio', 'vision')
@@ -201,7 +202,7 @@ def _builder_configs() -> list[MultConfig]:
   return configs
 
 
-class MultBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class MultBuilder(LocalCodePath, tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared builder; subclasses set `name`. Never downloads anything.
 
   The features' shapes come from the prepared dataset when it exists, otherwise from
@@ -213,12 +214,6 @@ class MultBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = _builder_configs()
 
-  # tfds 4.9.10 locates a builder's module through the `importlib_resources` backport,
-  # which is not installed on Python >= 3.9; give it the module path directly.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
 
   def __init__(self, *, manual_dir: epath.PathLike | None = None, **kwargs: Any):
     """`manual_dir` defaults to TFDS's `<data_dir>/downloads/manual`."""

@@ -8,9 +8,10 @@ It prepares in a fraction of a second, for tests and smoke runs.
 """
 import dataclasses
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from mmkd_jax.data.local_builder import LocalCodePath
 
 SPLITS = ('train', 'validation', 'test')
 # Standard deviation of the noise added to the prototypes (which are standard normal).
@@ -76,19 +77,13 @@ def generate(config: SyntheticConfig) -> dict[str, dict[str, np.ndarray]]:
   return data
 
 
-class Synthetic(tfds.core.GeneratorBasedBuilder):
+class Synthetic(LocalCodePath, tfds.core.GeneratorBasedBuilder):
   """Synthetic sequences for `num_modalities` modalities; label = sum of latents mod classes."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [SyntheticConfig()]
 
-  # tfds 4.9.10 finds a builder's module via the `importlib_resources` backport, which it does
-  # not install on Python >= 3.9 (tensorflow/datasets#11212); give it the module path directly.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config

@@ -2,12 +2,13 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmkd_jax.models import MODELS, Student, Teacher
+from mmkd_jax.models import MODELS, Student, Teacher, layers
 
 B, W, H, C = 3, 8, 2, 5
 # Tiny models: XLA's backend optimisations cost more compile time than they save.
@@ -222,3 +223,33 @@ def test_bfloat16_runs_and_returns_float32_logits(kind):
   chex.assert_type(taps16['hidden']['a'][0], jnp.bfloat16)
   chex.assert_tree_all_finite(logits16)
   np.testing.assert_allclose(logits16, logits32, atol=0.1)
+
+
+@pytest.mark.parametrize('features,axis,shape', [(6, -1, (2, 3, 4)), ((3, 2, 5), -1, (2, 3, 4)),
+                                                 (7, (-2, -1), (2, 3, 2, 5))])
+def test_dense_matches_flax_dense_general(features, axis, shape):
+  """layers.Dense has DenseGeneral's parameters, initial values and outputs (float64 reference)."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  ours, flax_dense = layers.Dense(features, axis=axis), nn.DenseGeneral(features, axis=axis)
+  params = ours.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal(params, flax_dense.init(jax.random.key(1), x))
+  params = jax.tree.map(lambda p: p + jnp.asarray(np.random.default_rng(2).normal(size=p.shape), p.dtype), params)
+  kernel, bias = (np.asarray(params['params'][k], np.float64) for k in ('kernel', 'bias'))
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  expected = np.tensordot(np.asarray(x, np.float64), kernel, axes=n_in) + bias
+  np.testing.assert_allclose(ours.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_and_its_derivatives_match_float64():
+  """The closed-form softmax derivative agrees with the float64 Jacobian, forward and reverse."""
+  rng = np.random.default_rng(0)
+  x, t = rng.normal(size=(2, 3, 6)) * 3, rng.normal(size=(2, 3, 6))
+  x[0, 1, 2] = np.finfo(np.float32).min  # a masked key
+  p = np.exp(x - x.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  jvp_expected = p * (t - np.sum(p * t, -1, keepdims=True))  # Jacobian of softmax is diag(p) - p p^T (symmetric)
+  y, jvp = jax.jvp(layers.softmax, (jnp.asarray(x, jnp.float32),), (jnp.asarray(t, jnp.float32),))
+  _, vjp_fn = jax.vjp(layers.softmax, jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(y, p, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(jvp, jvp_expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(vjp_fn(jnp.asarray(t, jnp.float32))[0], jvp_expected, rtol=1e-5, atol=1e-6)

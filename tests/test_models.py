@@ -253,3 +253,8 @@ def test_softmax_and_its_derivatives_match_float64():
   np.testing.assert_allclose(y, p, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(jvp, jvp_expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(vjp_fn(jnp.asarray(t, jnp.float32))[0], jvp_expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_rejects_non_trailing_axes():
+  with pytest.raises(ValueError, match=r'axis=\(0, 1\)'):
+    layers.Dense(4, axis=(0, 1)).init(jax.random.key(0), jnp.ones((2, 3, 5)))

@@ -47,7 +47,10 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    num_in = 1 if isinstance(self.axis, int) else len(self.axis)
+    axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    num_in = len(axes)
+    if sorted(a % x.ndim for a in axes) != list(range(x.ndim - num_in, x.ndim)):
+      raise ValueError(f'Dense maps trailing dims only; got axis={self.axis} for an input of rank {x.ndim}')
     in_dims, lead = x.shape[x.ndim - num_in:], x.shape[:x.ndim - num_in]
     fan_in, fan_out = math.prod(in_dims), math.prod(features)
     kernel = self.param('kernel', lambda key, shape: nn.initializers.lecun_normal()(

@@ -101,7 +101,6 @@ class Mfeat(LocalCodePath, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
-
   def _info(self) -> tfds.core.DatasetInfo:
     features = {}
     for view, (_, chunk) in VIEWS.items():

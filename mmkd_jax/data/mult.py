@@ -214,7 +214,6 @@ class MultBuilder(LocalCodePath, tfds.core.GeneratorBasedBuilder, skip_registrat
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = _builder_configs()
 
-
   def __init__(self, *, manual_dir: epath.PathLike | None = None, **kwargs: Any):
     """`manual_dir` defaults to TFDS's `<data_dir>/downloads/manual`."""
     self._manual_dir_arg = manual_dir

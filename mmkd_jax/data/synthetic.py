@@ -84,7 +84,6 @@ class Synthetic(LocalCodePath, tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [SyntheticConfig()]
 
-
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
     features = {}

@@ -45,6 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mmkd_jax import runtime  # noqa: E402
 from mmkd_jax.models.student import Student  # noqa: E402
 from mmkd_jax.models.teacher import Teacher  # noqa: E402
+from mmkd_jax.train import data_parallel_apply  # noqa: E402
 
 DEFAULT_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'bench' / 'torch_reference.py'
 
@@ -129,8 +130,10 @@ class JaxCase:
     self.num_params = sum(x.size for x in jax.tree.leaves(params))
     tx = optax.adam(1e-3)
 
+    apply = data_parallel_apply(model, mesh)  # as training runs it: one gradient all-reduce
+
     def loss_fn(p, batch, labels):
-      logits, _ = model.apply({'params': p}, batch, train=True)
+      logits, _ = apply(p, batch, train=True)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     def train_step(p, opt_state, batch, labels):

@@ -23,6 +23,7 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
@@ -93,11 +94,31 @@ class Distillation:
   task_weight: float
 
 
-def distillation_pairs(model: nn.Module, dist: Distillation, student_params: Any, teacher_params: Any,
-                           batch: dict, *, train: bool, rng: Array | None = None):
-  """Student outputs, and the distillation pairs between student and (frozen) teacher taps."""
+def data_parallel_apply(model: nn.Module, mesh: Mesh) -> Callable:
+  """`model.apply` on each device's slice of the batch, with the parameters passed as one flat vector.
+
+  The outputs and taps are per example, so they come back as the global batch, as a plain
+  sharded `apply` gives them, and losses over them keep their global-batch meaning. What
+  changes is the backward pass: the flat vector's gradient is summed over the 'data' axis by
+  one all-reduce, where a plain sharded apply all-reduces every parameter array apart (on
+  CPU one rendezvous each; benchmarks/README.md has the measurement). The batch gains
+  'example_index' (position in the global batch), which keys dropout masks, so they do not
+  depend on the device count.
+  """
+  def apply(params: Any, batch: dict, *, train: bool, rngs: dict | None = None) -> tuple[Array, dict]:
+    flat, unravel = ravel_pytree(params)
+    batch = {**batch, 'example_index': jnp.arange(jax.tree.leaves(batch)[0].shape[0])}
+    local = lambda flat, batch: model.apply({'params': unravel(flat)}, batch, train=train, rngs=rngs)
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec('data')),
+                         out_specs=PartitionSpec('data'), check_vma=False)(flat, batch)
+  return apply
+
+
+def distillation_pairs(apply: Callable, model: nn.Module, dist: Distillation, student_params: Any,
+                       teacher_params: Any, batch: dict, *, train: bool, rng: Array | None = None):
+  """Student outputs (`apply` is the student's apply), and the pairs between student and frozen teacher taps."""
   rngs = {'dropout': rng} if train else {}
-  outputs, taps = model.apply({'params': student_params}, batch, train=train, rngs=rngs)
+  outputs, taps = apply(student_params, batch, train=train, rngs=rngs)
   _, teacher_taps = dist.teacher.apply({'params': teacher_params}, batch, train=False)
   context = distill.LevelContext(model.modality, batch[f'{model.modality}_mask'].astype(jnp.float32),
                                  batch['weight'], dist.layer_map)
@@ -115,21 +136,24 @@ def metric_names(task: str, dist: Distillation | None) -> list[str]:
   return names
 
 
-def make_train_step(model: nn.Module, task: str, dist: Distillation | None) -> Callable:
+def make_train_step(model: nn.Module, task: str, dist: Distillation | None, mesh: Mesh) -> Callable:
   """The pure step `(state, batch, rng, teacher_params) -> (state, metrics)`.
 
   Only `state.params` (student/teacher model + distillation projector) is differentiated;
-  the teacher's params are a separate input under stop_gradient.
+  the teacher's params are a separate input under stop_gradient. The trained model runs
+  through `data_parallel_apply` over `mesh`.
   """
+  apply = data_parallel_apply(model, mesh)
   metrics_cls = clu_metrics.Collection.create(
       **{name: clu_metrics.Average.from_output(name) for name in metric_names(task, dist)})
 
   def loss_fn(params, batch, rng, teacher_params):
     if dist is None:
-      outputs, _ = model.apply({'params': params['model']}, batch, train=True, rngs={'dropout': rng})
+      outputs, _ = apply(params['model'], batch, train=True, rngs={'dropout': rng})
       loss = task_loss(task, outputs, batch['label'], batch['weight'])
       return loss, (outputs, {'task_loss': loss})
-    outputs, pairs = distillation_pairs(model, dist, params['model'], teacher_params, batch, train=True, rng=rng)
+    outputs, pairs = distillation_pairs(apply, model, dist, params['model'], teacher_params, batch,
+                                        train=True, rng=rng)
     if params['projector']:
       pairs = distill.Projector(projection_widths_of(params['projector'])).apply(
           {'params': params['projector']}, pairs)
@@ -274,7 +298,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info
     dist = Distillation(teacher[0], terms, validation.method_hparams(config),
                         distill.resolve_layer_map(config.distill.layer_map, model.num_layers, teacher_depth),
                         config.distill.task_weight)
-    _, pairs = jax.eval_shape(functools.partial(distillation_pairs, model, dist, train=False),
+    plain_apply = lambda p, b, **kw: model.apply({'params': p}, b, **kw)
+    _, pairs = jax.eval_shape(functools.partial(distillation_pairs, plain_apply, model, dist, train=False),
                               params['model'], teacher[1], sample)
     widths = distill.projection_widths(pairs)
     if widths and config.distill.projection:
@@ -318,7 +343,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
     train_iter.set_state(data_state)
     logging.info('%s: resumed at step %d', run_dir, int(state.step))
 
-  step_fn = jax.jit(make_train_step(model, info.task, dist), donate_argnums=0)
+  step_fn = jax.jit(make_train_step(model, info.task, dist, mesh), donate_argnums=0)
   predict_fn = jax.jit(lambda p, b: model.apply({'params': p['model']}, b)[0], out_shardings=replicated)
   eval_split = lambda split: evaluate.compute_metrics(info.task, *evaluate.predict(
       predict_fn, state.params, pipeline.eval_batches(builder, split, modalities, config.train.eval_batch_size),

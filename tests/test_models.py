@@ -201,6 +201,24 @@ def test_dropout_only_in_training(kind):
   np.testing.assert_array_equal(a, a_again)
 
 
+@pytest.mark.parametrize('kind', ['teacher', 'student'])
+def test_dropout_mask_follows_the_example_index(kind):
+  """An example's dropout mask depends on its batch['example_index'], not on where it sits in the
+  array: a slice of the batch given its global indices reproduces those rows of the whole batch."""
+  modalities = ('a', 'b')
+  model = _teacher(modalities) if kind == 'teacher' else _student()
+  params, _ = _init(model)
+  batch = _batch(modalities)
+  key = jax.random.key(3)
+  train = jax.jit(lambda p, b: model.apply(p, b, train=True, rngs={'dropout': key})[0], compiler_options=FAST)
+  whole = train(params, batch)
+  tail = train(params, {**jax.tree.map(lambda x: x[1:], batch), 'example_index': jnp.arange(1, B)})
+  np.testing.assert_allclose(tail, whole[1:], rtol=1e-6, atol=1e-6)
+  # control: the same rows keyed as examples 0 and 1 draw other masks
+  shifted = train(params, jax.tree.map(lambda x: x[1:], batch))
+  assert not np.allclose(shifted, whole[1:])
+
+
 def test_student_smaller_than_teacher():
   """At equal width and depth the student has fewer parameters than the teacher."""
   teacher = Teacher(modalities=('a', 'b'), num_outputs=C, width=W, num_heads=H, num_cross_layers=2,

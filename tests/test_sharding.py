@@ -29,6 +29,26 @@ print(jax.device_count(), x.sharding.spec, sorted({s.data.shape for s in x.addre
 '''
 
 
+CHECK_ONE_ALLREDUCE = '''
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh
+from mmkd_jax import train
+from mmkd_jax.models import Student
+model = Student(modality='a', num_outputs=3, width=8, num_heads=2, num_layers=2, mlp_ratio=2, dropout_rate=0.5)
+rng = np.random.default_rng(0)
+batch = {'a': rng.normal(size=(8, 5, 3)).astype(np.float32), 'a_mask': np.arange(5) < rng.integers(1, 6, (8, 1))}
+params = model.init(jax.random.key(0), batch)['params']
+loss = lambda apply: lambda p: jnp.sum(apply(p, batch, train=True, rngs={'dropout': jax.random.key(1)})[0] ** 2)
+plain = jax.grad(loss(lambda p, b, **kw: model.apply({'params': p}, b, **kw)))
+parallel = jax.jit(jax.grad(loss(train.data_parallel_apply(model, Mesh(np.array(jax.devices()), ('data',))))))
+hlo = parallel.lower(params).compile().as_text()
+reduces = [line.split('=')[1].split('all-reduce(')[0].strip() for line in hlo.splitlines() if ' all-reduce(' in line]
+size = sum(x.size for x in jax.tree.leaves(params))
+error = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(plain(params)), jax.tree.leaves(parallel(params))))
+print(jax.device_count(), reduces == [f'f32[{size}]{{0}}'], error < 1e-4, reduces, error)
+'''
+
+
 def _env(devices: int) -> dict[str, str]:
   env = dict(os.environ)
   env['XLA_FLAGS'] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
@@ -50,6 +70,15 @@ def test_batch_is_sharded_over_eight_devices():
   result = subprocess.run([sys.executable, '-c', CHECK_SHARDING], cwd=REPO, env=_env(8), capture_output=True,
                           text=True, check=True)
   assert result.stdout.split('\n')[0] == "8 P('data',) [(2, 3)] True"
+
+
+def test_gradient_is_summed_by_one_all_reduce():
+  """data_parallel_apply on 2 devices (dropout on): the gradient equals one device's, and the compiled
+  backward pass sums it with a single all-reduce of the flat parameter vector."""
+  result = subprocess.run([sys.executable, '-c', CHECK_ONE_ALLREDUCE], cwd=REPO, env=_env(2), capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split()[:3] == ['2', 'True', 'True'], result.stdout
 
 
 @pytest.fixture(scope='module')

@@ -91,6 +91,22 @@ class MultiHeadAttention(nn.Module):
     return out, probs
 
 
+class Dropout(nn.Module):
+  """Inverted dropout whose mask for an example depends only on the 'dropout' rng and that
+  example's index in the global batch, so data-parallel shards draw exactly the masks one
+  device would draw for the whole batch, whatever the device count."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, example_index: Array | None, *, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    key = self.make_rng('dropout')
+    index = jnp.arange(x.shape[0]) if example_index is None else example_index
+    keep = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - self.rate, x.shape[1:]))(index)
+    return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
+
+
 class Block(nn.Module):
   """Pre-LayerNorm transformer block: (cross- or self-) attention then a ReLU MLP."""
   num_heads: int
@@ -100,17 +116,18 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Array, context: Array | None = None, *,
-               train: bool = False) -> tuple[Array, Array]:
+               train: bool = False, example_index: Array | None = None) -> tuple[Array, Array]:
     width = x.shape[-1]
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
     queries = norm('norm_q')(x)
     keys_values = None if context is None else norm('norm_kv')(context)
     attended, probs = MultiHeadAttention(self.num_heads, self.dtype, name='attention')(
         queries, keys_values, key_mask)
-    x = x + nn.Dropout(self.dropout_rate)(attended, deterministic=not train)
+    dropout = lambda y: Dropout(self.dropout_rate)(y, example_index, deterministic=not train)
+    x = x + dropout(attended)
     y = Dense(self.mlp_ratio * width, dtype=self.dtype, name='mlp_in')(norm('norm_mlp')(x))
     y = Dense(width, dtype=self.dtype, name='mlp_out')(nn.relu(y))
-    return x + nn.Dropout(self.dropout_rate)(y, deterministic=not train), probs
+    return x + dropout(y), probs
 
 
 class Embed(nn.Module):

@@ -14,7 +14,8 @@ class Student(nn.Module):
 
   Returns (logits, taps) with taps = {'logits', 'pooled', 'hidden': {modality: per-layer
   (B, L, W)}, 'attn': {modality: per-layer (B, H, L, L)}}; other modalities in the batch
-  are ignored, so at inference only this one is needed.
+  are ignored, so at inference only this one is needed. An optional batch['example_index'] (B,)
+  keys each example's dropout masks (layers.Dropout).
   """
   modality: str
   num_outputs: int
@@ -32,7 +33,7 @@ class Student(nn.Module):
     states, maps = [], []
     for layer in range(self.num_layers):
       x, probs = Block(self.num_heads, self.mlp_ratio, self.dropout_rate, self.dtype,
-                       name=f'self_{layer}')(x, mask, train=train)
+                       name=f'self_{layer}')(x, mask, train=train, example_index=batch.get('example_index'))
       states.append(x)
       maps.append(probs)
     pooled = masked_mean(nn.LayerNorm(dtype=self.dtype, name='norm')(x), mask)

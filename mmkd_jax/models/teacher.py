@@ -21,6 +21,7 @@ class Teacher(nn.Module):
   Returns (logits, taps) where taps = {'logits', 'pooled', 'hidden': {m: (B, L_m, W) per
   layer}, 'attn': {m: (B, H, L_m, L_keys) per layer}}: stream m's states sit on m's
   token positions, so a student of modality m can be matched to them position by position.
+  An optional batch['example_index'] (B,) keys each example's dropout masks (layers.Dropout).
   """
   modalities: Sequence[str]
   num_outputs: int
@@ -38,6 +39,7 @@ class Teacher(nn.Module):
       raise ValueError(f'the teacher needs at least two modalities, got {list(self.modalities)}')
     embedded = {m: Embed(self.width, self.dtype, name=f'embed_{m}')(batch[m]) for m in self.modalities}
     masks = {m: batch[f'{m}_mask'] for m in self.modalities}
+    index = batch.get('example_index')
     block = lambda name: Block(self.num_heads, self.mlp_ratio, self.dropout_rate, self.dtype, name=name)
     hidden, attn, pooled = {}, {}, []
     for m in self.modalities:
@@ -46,11 +48,11 @@ class Teacher(nn.Module):
       context_mask = jnp.concatenate([masks[o] for o in others], axis=1)
       x, states, maps = embedded[m], [], []
       for layer in range(self.num_cross_layers):
-        x, probs = block(f'{m}_cross_{layer}')(x, context_mask, context, train=train)
+        x, probs = block(f'{m}_cross_{layer}')(x, context_mask, context, train=train, example_index=index)
         states.append(x)
         maps.append(probs)
       for layer in range(self.num_self_layers):
-        x, probs = block(f'{m}_self_{layer}')(x, masks[m], train=train)
+        x, probs = block(f'{m}_self_{layer}')(x, masks[m], train=train, example_index=index)
         states.append(x)
         maps.append(probs)
       hidden[m], attn[m] = tuple(states), tuple(maps)

@@ -103,9 +103,11 @@ def data_parallel_apply(model: nn.Module, mesh: Mesh) -> Callable:
   one all-reduce, where a plain sharded apply all-reduces every parameter array apart (on
   CPU one rendezvous each; benchmarks/README.md has the measurement). The batch gains
   'example_index' (position in the global batch), which keys dropout masks, so they do not
-  depend on the device count.
+  depend on the device count. With one device on the data axis it is plain `model.apply`.
   """
   def apply(params: Any, batch: dict, *, train: bool, rngs: dict | None = None) -> tuple[Array, dict]:
+    if mesh.shape['data'] == 1:
+      return model.apply({'params': params}, batch, train=train, rngs=rngs)
     flat, unravel = ravel_pytree(params)
     batch = {**batch, 'example_index': jnp.arange(jax.tree.leaves(batch)[0].shape[0])}
     local = lambda flat, batch: model.apply({'params': unravel(flat)}, batch, train=train, rngs=rngs)

@@ -7,7 +7,8 @@ Usage: python benchmarks/bench.py [--batch 32] [--len_a 50] [--len_b 50] [--dim_
 
 Times, at the reference's default sizes and with dropout 0:
   * the jitted train step (value_and_grad of softmax cross-entropy + optax Adam update,
-    jit with donate_argnums on params/optimizer state) of the Teacher and the Student,
+    jit with donate_argnums on params/optimizer state; the model runs through
+    train.data_parallel_apply, as in training) of the Teacher and the Student,
   * jitted inference (logits) of each,
 as samples/s from the median step time of `--steps` steps per round after warm-up
 (block_until_ready after every step). Compile + first run is reported apart.

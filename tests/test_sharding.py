@@ -30,7 +30,7 @@ print(jax.device_count(), x.sharding.spec, sorted({s.data.shape for s in x.addre
 
 
 CHECK_ONE_ALLREDUCE = '''
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp, ml_collections, numpy as np
 from jax.sharding import Mesh
 from mmkd_jax import train
 from mmkd_jax.models import Student
@@ -44,8 +44,12 @@ parallel = jax.jit(jax.grad(loss(train.data_parallel_apply(model, Mesh(np.array(
 hlo = parallel.lower(params).compile().as_text()
 reduces = [line.split('=')[1].split('all-reduce(')[0].strip() for line in hlo.splitlines() if ' all-reduce(' in line]
 size = sum(x.size for x in jax.tree.leaves(params))
-error = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(plain(params)), jax.tree.leaves(parallel(params))))
-print(jax.device_count(), reduces == [f'f32[{size}]{{0}}'], error < 1e-4, reduces, error)
+error = lambda g: max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(plain(params)), jax.tree.leaves(g)))
+# a ('data', 'model') mesh with 2 devices on the reserved model axis: the same gradient, not twice it
+mesh_2x2 = train.create_mesh(ml_collections.ConfigDict({'mesh': {'model': 2}}))
+with_model_axis = jax.jit(jax.grad(loss(train.data_parallel_apply(model, mesh_2x2))))(params)
+print(jax.device_count(), reduces == [f'f32[{size}]{{0}}'], error(parallel(params)) < 1e-4,
+      error(with_model_axis) < 1e-4, reduces, error(parallel(params)), error(with_model_axis))
 '''
 
 
@@ -73,12 +77,12 @@ def test_batch_is_sharded_over_eight_devices():
 
 
 def test_gradient_is_summed_by_one_all_reduce():
-  """data_parallel_apply on 2 devices (dropout on): the gradient equals one device's, and the compiled
-  backward pass sums it with a single all-reduce of the flat parameter vector."""
-  result = subprocess.run([sys.executable, '-c', CHECK_ONE_ALLREDUCE], cwd=REPO, env=_env(2), capture_output=True,
+  """data_parallel_apply on 4 devices (dropout on): the gradient equals one device's, also with devices on
+  the model axis, and the compiled backward pass sums it with a single all-reduce of the flat vector."""
+  result = subprocess.run([sys.executable, '-c', CHECK_ONE_ALLREDUCE], cwd=REPO, env=_env(4), capture_output=True,
                           text=True)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.split()[:3] == ['2', 'True', 'True'], result.stdout
+  assert result.stdout.split()[:4] == ['4', 'True', 'True', 'True'], result.stdout
 
 
 @pytest.fixture(scope='module')

@@ -116,15 +116,13 @@ def data_parallel_apply(model: nn.Module, mesh: Mesh) -> Callable:
   return apply
 
 
-def distillation_pairs(apply: Callable, model: nn.Module, dist: Distillation, student_params: Any,
-                       teacher_params: Any, batch: dict, *, train: bool, rng: Array | None = None):
-  """Student outputs (`apply` is the student's apply), and the pairs between student and frozen teacher taps."""
-  rngs = {'dropout': rng} if train else {}
-  outputs, taps = apply(student_params, batch, train=train, rngs=rngs)
+def distillation_pairs(model: nn.Module, dist: Distillation, taps: dict, teacher_params: Any,
+                       batch: dict) -> dict:
+  """The pairs between the student's `taps` on `batch` and the (frozen) teacher's."""
   _, teacher_taps = dist.teacher.apply({'params': teacher_params}, batch, train=False)
   context = distill.LevelContext(model.modality, batch[f'{model.modality}_mask'].astype(jnp.float32),
                                  batch['weight'], dist.layer_map)
-  return outputs, distill.collect_pairs(dist.terms, taps, teacher_taps, context)
+  return distill.collect_pairs(dist.terms, taps, teacher_taps, context)
 
 
 def distill_metric_name(term: distill.Term) -> str:
@@ -150,12 +148,11 @@ def make_train_step(model: nn.Module, task: str, dist: Distillation | None, mesh
       **{name: clu_metrics.Average.from_output(name) for name in metric_names(task, dist)})
 
   def loss_fn(params, batch, rng, teacher_params):
+    outputs, taps = apply(params['model'], batch, train=True, rngs={'dropout': rng})
     if dist is None:
-      outputs, _ = apply(params['model'], batch, train=True, rngs={'dropout': rng})
       loss = task_loss(task, outputs, batch['label'], batch['weight'])
       return loss, (outputs, {'task_loss': loss})
-    outputs, pairs = distillation_pairs(apply, model, dist, params['model'], teacher_params, batch,
-                                        train=True, rng=rng)
+    pairs = distillation_pairs(model, dist, taps, teacher_params, batch)
     if params['projector']:
       pairs = distill.Projector(projection_widths_of(params['projector'])).apply(
           {'params': params['projector']}, pairs)
@@ -300,9 +297,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info
     dist = Distillation(teacher[0], terms, validation.method_hparams(config),
                         distill.resolve_layer_map(config.distill.layer_map, model.num_layers, teacher_depth),
                         config.distill.task_weight)
-    plain_apply = lambda p, b, **kw: model.apply({'params': p}, b, **kw)
-    _, pairs = jax.eval_shape(functools.partial(distillation_pairs, plain_apply, model, dist, train=False),
-                              params['model'], teacher[1], sample)
+    pairs = jax.eval_shape(lambda p, t, b: distillation_pairs(model, dist, model.apply({'params': p}, b)[1], t, b),
+                           params['model'], teacher[1], sample)
     widths = distill.projection_widths(pairs)
     if widths and config.distill.projection:
       concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pairs)

@@ -94,7 +94,8 @@ class MultiHeadAttention(nn.Module):
 class Dropout(nn.Module):
   """Inverted dropout whose mask for an example depends only on the 'dropout' rng and that
   example's index in the global batch, so data-parallel shards draw exactly the masks one
-  device would draw for the whole batch, whatever the device count."""
+  device would draw for the whole batch, whatever the device count. This holds for JAX's
+  default threefry keys; 'rbg' keys draw other bits under vmap for other batch sizes."""
   rate: float
 
   @nn.compact

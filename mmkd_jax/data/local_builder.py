@@ -1,4 +1,4 @@
-"""A base for this package's TFDS builders, which are never fetched from a registry."""
+"""Bases for this package's TFDS builders, which are never fetched from a registry or a bucket."""
 import inspect
 
 import tensorflow_datasets as tfds
@@ -16,3 +16,15 @@ class LocalCodePath:
   @classmethod
   def code_path(cls) -> epath.Path:
     return epath.Path(inspect.getfile(cls))
+
+
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo that does not look for precomputed metadata on TFDS's GCS bucket.
+
+  None of this package's datasets is there, and tfds 4.9.10 makes an empty temporary
+  directory for that lookup on every construction of an unprepared builder and never
+  removes it.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    """Nothing to fetch: the metadata comes from the prepared files or the builder's code."""

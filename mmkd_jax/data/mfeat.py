@@ -12,7 +12,7 @@ import lzma
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmkd_jax.data.local_builder import LocalCodePath
+from mmkd_jax.data.local_builder import LocalCodePath, LocalDatasetInfo
 
 # View -> (number of features, features per token). The last token of a view is zero
 # padded; pix tokens of 15 are the rows of its 15x16 image.
@@ -109,7 +109,7 @@ class Mfeat(LocalCodePath, tfds.core.GeneratorBasedBuilder):
       features[view + '_mask'] = tfds.features.Tensor(shape=(length,), dtype=np.bool_)
     features['label'] = tfds.features.ClassLabel(names=[str(d) for d in range(NUM_CLASSES)])
     features['index'] = tfds.features.Scalar(dtype=np.int64)
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self,
         disable_shuffling=True,  # Keep generation order: by original row.
         description=(

@@ -24,7 +24,7 @@ from etils import epath
 
 from mmkd_jax import registry
 from mmkd_jax.data import safe_pickle
-from mmkd_jax.data.local_builder import LocalCodePath
+from mmkd_jax.data.local_builder import LocalCodePath, LocalDatasetInfo
 from mmkd_jax.metrics import IEMOCAP_EMOTIONS
 
 MODALITIES = ('text', 'audio', 'vision')
@@ -261,7 +261,7 @@ class MultBuilder(LocalCodePath, tfds.core.GeneratorBasedBuilder, skip_registrat
       else:
         spec['label'] = tfds.features.Tensor(shape=(task.num_outputs,), dtype=np.int32)
       features = tfds.features.FeaturesDict(spec)
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self,
         description=(f'{self.name} from the MulT feature pickles; {task.task} over '
                      f"{', '.join(task.label_names)}."),

@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmkd_jax.data.local_builder import LocalCodePath
+from mmkd_jax.data.local_builder import LocalCodePath, LocalDatasetInfo
 
 SPLITS = ('train', 'validation', 'test')
 # Standard deviation of the noise added to the prototypes (which are standard normal).
@@ -93,7 +93,7 @@ class Synthetic(LocalCodePath, tfds.core.GeneratorBasedBuilder):
       features[name + '_mask'] = tfds.features.Tensor(shape=(config.seq_len,), dtype=np.bool_)
     features['label'] = tfds.features.ClassLabel(num_classes=config.num_classes)
     features['index'] = tfds.features.Scalar(dtype=np.int64)
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self,
         disable_shuffling=True,  # Keep generation order, the order of `generate`.
         description='Synthetic sequences whose label is the sum of per-modality latents.',

@@ -95,6 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.coordinator_address = ''
   config.distributed.num_processes = 0
   config.distributed.process_id = -1
+  # Start jax.distributed: 'auto' (with a coordinator address or under SLURM / a TPU pod's environment
+  # variables), 'always' (JAX detects the cluster: needed on TPU VM slices made with gcloud), 'never'.
+  config.distributed.initialize = 'auto'
 
   config.host = ml_collections.ConfigDict()
   # Split the host CPU into this many JAX devices (0 = JAX's default of one): the data-parallel

@@ -135,7 +135,7 @@ setup() {
   install+=" && cd $dir && $python -m venv .venv && . .venv/bin/activate"
   install+=" && pip install -q --upgrade pip && pip install -q -e . 'jax[tpu]'"
   # Every worker must see the whole slice: a v4-32 reports 4 local and 16 global devices.
-  install+=" && python -c 'import jax; print(f\"process {jax.process_index()}: {jax.local_device_count()} local,"
+  install+=" && python -c 'import jax; jax.distributed.initialize(); print(f\"process {jax.process_index()}: {jax.local_device_count()} local,"
   install+=" {jax.device_count()} global devices\")'"
   on_workers all "$fetch && $install"
 }
@@ -143,7 +143,10 @@ setup() {
 run_job() {
   : "${WORKDIR:?set WORKDIR to a directory every worker sees (see docs/launch.md)}"
   local job
-  job="$(quote python -m mmkd_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@")"
+  # The slice's workers are found through the TPU metadata server, which jax.distributed reads when
+  # asked to start ('always'); 'auto' only looks at environment variables that gcloud does not set.
+  job="$(quote python -m mmkd_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
+    --config.distributed.initialize=always "$@")"
   local enter
   enter="cd $(quote "$REMOTE_DIR") && . .venv/bin/activate"
   if [[ "${FOREGROUND:-0}" == 1 ]]; then

@@ -1,4 +1,5 @@
-"""Host runtime settings that must be made before JAX starts its backends.
+"""Host runtime settings that must be made before JAX starts its backends: malloc, CPU devices
+and dispatch (`config.host`), and jax.distributed (`config.distributed`).
 
 Measured on a 2-core CPU (benchmarks/README.md): with JAX's defaults every train step
 runs on a worker thread, whose glibc arena cannot keep the step's large scratch buffer
@@ -10,12 +11,16 @@ devices, so that the data-parallel step also spreads one model's work over the c
 """
 import ctypes
 import ctypes.util
+import os
 import sys
 
 import jax
 import ml_collections
 
 CPU_DISPATCH = ('auto', 'sync', 'async')
+DISTRIBUTED_INITIALIZE = ('auto', 'always', 'never')
+# Environment variables under which 'auto' starts jax.distributed (SLURM job, TPU pod on GKE / queued resources).
+CLUSTER_ENV = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
 
 # glibc mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -59,3 +64,24 @@ def configure_host(config: ml_collections.ConfigDict) -> None:
   jax.config.update('jax_cpu_enable_async_dispatch', not sync)
   if host.keep_freed_memory:
     keep_freed_memory()
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Starts jax.distributed for multi-host runs, as `config.distributed` says.
+
+  A set `coordinator_address` is where the processes meet (unless `initialize='never'`).
+  Otherwise `initialize='auto'` starts it when a cluster variable (CLUSTER_ENV) is set and
+  runs as one process elsewhere; 'always' starts it regardless and lets JAX detect the rest
+  (this is what TPU VM slices made with `gcloud` need: their workers are found through the
+  metadata server, not the environment); 'never' is one process.
+  """
+  settings = config.distributed
+  if jax.distributed.is_initialized() or settings.initialize == 'never':
+    return
+  if settings.coordinator_address:
+    # Cross-process collectives of CPU devices (only used when the devices are CPUs).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(settings.coordinator_address, settings.num_processes or None,
+                               None if settings.process_id < 0 else settings.process_id)
+  elif settings.initialize == 'always' or any(key in os.environ for key in CLUSTER_ENV):
+    jax.distributed.initialize()

@@ -211,24 +211,6 @@ class _PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """Starts jax.distributed for multi-host runs, from the config or the cluster environment.
-
-  With `config.distributed.coordinator_address` set, the processes meet there; otherwise
-  TPU pods and SLURM jobs are auto-detected, and anything else runs as one process.
-  """
-  settings = config.distributed
-  if jax.distributed.is_initialized():
-    return
-  if settings.coordinator_address:
-    # Cross-process collectives of CPU devices (only used when the devices are CPUs).
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(settings.coordinator_address, settings.num_processes or None,
-                               None if settings.process_id < 0 else settings.process_id)
-  elif any(key in os.environ for key in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')):
-    jax.distributed.initialize()
-
-
 def shard_local_batch(batch: dict, sharding: NamedSharding) -> dict:
   """One global array per field from every process's own rows (training batches)."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
@@ -433,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.job` in `workdir` (see the module docstring) and returns its results."""
   validation.check_config(config)
   runtime.configure_host(config)
-  initialize_distributed(config)
+  runtime.initialize_distributed(config)
   builder = load_data(config)
   info = data.task_info(builder)
   validation.check_against_data(config, info)

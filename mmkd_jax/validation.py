@@ -48,6 +48,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _choice('train.schedule', config.train.schedule, optimizers.SCHEDULES.names())
   _choice('train.compute_dtype', config.train.compute_dtype, ('float32', 'bfloat16'))
   _choice('host.cpu_dispatch', config.host.cpu_dispatch, runtime.CPU_DISPATCH)
+  _choice('distributed.initialize', config.distributed.initialize, runtime.DISTRIBUTED_INITIALIZE)
   for path in ('teacher.width', 'teacher.num_heads', 'teacher.num_cross_layers', 'teacher.mlp_ratio',
                'student.width', 'student.num_heads', 'student.num_layers', 'student.mlp_ratio',
                'train.batch_size', 'train.eval_batch_size', 'train.num_steps', 'train.learning_rate',

@@ -70,3 +70,28 @@ def test_cpu_devices_after_jax_started_is_a_clear_error():
     runtime.configure_host(config)
   config.host.cpu_devices = len(jax.devices('cpu'))  # what is already there is fine
   runtime.configure_host(config)
+
+
+@pytest.mark.parametrize('initialize, address, env, expected', [
+    ('auto', '', {}, None),
+    ('auto', '', {'SLURM_JOB_ID': '7'}, ()),
+    ('auto', '', {'TPU_WORKER_HOSTNAMES': 'w0,w1'}, ()),
+    ('always', '', {}, ()),
+    ('auto', '10.0.0.1:1234', {}, ('10.0.0.1:1234', 4, 2)),
+    ('always', '10.0.0.1:1234', {}, ('10.0.0.1:1234', 4, 2)),
+    ('never', '10.0.0.1:1234', {'SLURM_JOB_ID': '7'}, None),
+])
+def test_initialize_distributed_follows_config(monkeypatch, initialize, address, env, expected):
+  """jax.distributed starts with the given coordinator, by JAX's detection, or not at all."""
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *args: calls.append(args))
+  monkeypatch.setattr(jax.config, 'update', lambda *args: None)  # the gloo switch, not wanted in this process
+  for key in runtime.CLUSTER_ENV:
+    monkeypatch.delenv(key, raising=False)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  config = default.get_config()
+  config.distributed.update(initialize=initialize, coordinator_address=address, num_processes=4, process_id=2)
+  runtime.initialize_distributed(config)
+  assert calls == ([] if expected is None else [expected])

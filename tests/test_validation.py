@@ -44,6 +44,8 @@ CASES = [
     ('teacher.modalities', 'm0', "config.teacher.modalities='m0': the teacher needs at least two"),
     ('report.seeds', '0,x', "config.report.seeds='0,x': expected comma-separated integers"),
     ('host.cpu_dispatch', 'threads', "config.host.cpu_dispatch='threads' is unknown; valid choices: auto, sync, async"),
+    ('distributed.initialize', 'yes',
+     "config.distributed.initialize='yes' is unknown; valid choices: auto, always, never"),
     ('host.cpu_devices', -2, 'config.host.cpu_devices=-2 must be >= 0'),
 ]
 

@@ -14,6 +14,7 @@ import jax
 
 from mmkd_jax.distill.levels import LEVELS, LevelContext, Pair, resolve_layer_map
 from mmkd_jax.distill.methods import METHODS
+from mmkd_jax.models.layers import Dense
 
 Array = Any
 
@@ -89,12 +90,13 @@ def projection_widths(pairs: dict[str, dict[str, Pair]]) -> dict[str, int]:
 
 
 class Projector(nn.Module):
-  """Learned linear maps from the student's width to the teacher's, one per pair that needs one."""
+  """Learned linear maps from the student's width to the teacher's, one per pair that needs one
+  (layers.Dense: one 2-D matmul over all tokens, like the models' own projections)."""
   widths: Mapping[str, int]
 
   @nn.compact
   def __call__(self, pairs: dict[str, dict[str, Pair]]) -> dict[str, dict[str, Pair]]:
-    return {level: {name: p.replace(student=nn.Dense(self.widths[name], name=name)(p.student))
+    return {level: {name: p.replace(student=Dense(self.widths[name], name=name)(p.student))
                     if name in self.widths else p for name, p in named.items()}
             for level, named in pairs.items()}
 

@@ -135,7 +135,8 @@ setup() {
   install+=" && cd $dir && $python -m venv .venv && . .venv/bin/activate"
   install+=" && pip install -q --upgrade pip && pip install -q -e . 'jax[tpu]'"
   # Every worker must see the whole slice: a v4-32 reports 4 local and 16 global devices.
-  install+=" && python -c 'import jax; jax.distributed.initialize(); print(f\"process {jax.process_index()}: {jax.local_device_count()} local,"
+  install+=" && python -c 'import jax; jax.distributed.initialize();"
+  install+=" print(f\"process {jax.process_index()}: {jax.local_device_count()} local,"
   install+=" {jax.device_count()} global devices\")'"
   on_workers all "$fetch && $install"
 }

@@ -83,5 +83,12 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(settings.coordinator_address, settings.num_processes or None,
                                None if settings.process_id < 0 else settings.process_id)
-  elif settings.initialize == 'always' or any(key in os.environ for key in CLUSTER_ENV):
+  elif settings.initialize == 'always':
+    try:
+      jax.distributed.initialize()
+    except ValueError as error:  # JAX found no cluster to take the unset fields from
+      raise ValueError(f"config.distributed.initialize='always' but JAX detected no cluster ({error}); set "
+                       'config.distributed.coordinator_address (with num_processes and process_id) or use '
+                       "initialize='auto' or 'never'") from None
+  elif any(key in os.environ for key in CLUSTER_ENV):
     jax.distributed.initialize()

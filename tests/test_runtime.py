@@ -95,3 +95,17 @@ def test_initialize_distributed_follows_config(monkeypatch, initialize, address,
   config.distributed.update(initialize=initialize, coordinator_address=address, num_processes=4, process_id=2)
   runtime.initialize_distributed(config)
   assert calls == ([] if expected is None else [expected])
+
+
+def test_initialize_always_without_a_cluster_names_the_fix(monkeypatch):
+  def no_cluster():
+    raise ValueError('coordinator_address should be defined.')
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  monkeypatch.setattr(jax.distributed, 'initialize', no_cluster)
+  config = default.get_config()
+  config.distributed.initialize = 'always'
+  with pytest.raises(ValueError) as error:
+    runtime.initialize_distributed(config)
+  message = str(error.value)
+  assert '\n' not in message and "initialize='always'" in message
+  assert 'coordinator_address should be defined' in message and "'never'" in message

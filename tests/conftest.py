@@ -10,6 +10,9 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_opt
 # TF32 (a no-op on CPU). Read by JAX at import; subprocesses inherit it.
 os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 
+import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -46,6 +49,15 @@ def shrink(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.C
 @pytest.fixture
 def tiny_config(tmp_path) -> ml_collections.ConfigDict:
   return shrink(default.get_config(), str(tmp_path / 'data'))
+
+
+@pytest.fixture
+def private_tempdir(monkeypatch, tmp_path) -> pathlib.Path:
+  """An empty directory that Python's `tempfile` uses for the test, to see what is left in it."""
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+  return scratch
 
 
 TINY_CONFIG_FILE = """

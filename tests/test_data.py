@@ -1,7 +1,6 @@
 """Tests of the data package: the mfeat and synthetic builders and the grain pipelines."""
 import os
 import pathlib
-import tempfile
 import types
 
 import numpy as np
@@ -209,15 +208,12 @@ def test_default_data_dir_follows_environment(monkeypatch, tmp_path):
   assert data.default_data_config().data_dir == str(pathlib.Path.home() / 'tensorflow_datasets')
 
 
-def test_building_leaves_no_temporary_directories(monkeypatch, tmp_path):
+def test_building_leaves_no_temporary_directories(private_tempdir, tmp_path):
   """tfds makes a temp dir per unprepared builder for its bucket lookup; ours skip that lookup."""
-  scratch = tmp_path / 'tmp'
-  scratch.mkdir()
-  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
   for name in ('mfeat', 'synthetic'):  # the MulT builders need their pickles (tests/test_mult_data.py)
     builder = data.DATASETS.get(name)(_config(tmp_path / 'data', name))
     assert not builder.is_prepared(), name
-  assert list(scratch.iterdir()) == []
+  assert list(private_tempdir.iterdir()) == []
 
 
 def test_load_builder_reuses_prepared_data(data_dir, synthetic_builder):

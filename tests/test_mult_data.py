@@ -7,7 +7,6 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 
 import ml_collections
 import numpy as np
@@ -151,14 +150,11 @@ def test_numpy_1_pickles_load(tmp_path):
   _check_split(_prepare(_config(tmp_path)), 'train', data['train'])
 
 
-def test_building_leaves_no_temporary_directories(monkeypatch, tmp_path):
+def test_building_leaves_no_temporary_directories(private_tempdir, tmp_path):
   """tfds makes a temp dir per unprepared builder for its bucket lookup; the MulT builders skip it."""
   _write(tmp_path, _data())
-  scratch = tmp_path / 'tmp'
-  scratch.mkdir()
-  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
   assert not mult.make_builder(_config(tmp_path)).is_prepared()
-  assert list(scratch.iterdir()) == []
+  assert list(private_tempdir.iterdir()) == []
 
 
 def test_prepared_dataset_is_reused_without_the_file(tmp_path):

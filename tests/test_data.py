@@ -344,3 +344,21 @@ def test_other_label_kinds(feature, labels, task, dtype, shape, num_outputs):
   assert batch['label'].dtype == dtype and batch['label'].shape == (4,) + shape
   last = list(pipeline.eval_batches(builder, 'test', ['a'], 4))[-1]
   assert last['label'].shape == (4,) + shape and last['weight'].sum() == 2
+
+
+def test_splits_are_decoded_once_per_builder(data_dir, monkeypatch):
+  # A fresh builder object over the prepared data: nothing of it is cached yet.
+  builder = data.load_builder(_config(data_dir, 'synthetic', num_modalities=3))
+  opened = []
+  original = builder.as_data_source
+  monkeypatch.setattr(builder, 'as_data_source', lambda split: opened.append(split) or original(split=split))
+  first = list(pipeline.eval_batches(builder, 'validation', ['m0'], 24))
+  again = list(pipeline.eval_batches(builder, 'validation', ['m0', 'm2'], 24))
+  next(pipeline.train_iterator(builder, ['m1'], 16, seed=0))
+  next(pipeline.train_iterator(builder, ['m0', 'm1'], 16, seed=1))
+  assert opened == ['validation', 'train']
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a['m0'], b['m0'])
+  # The cached arrays cannot be changed through a batch that views them.
+  with pytest.raises(ValueError, match='read-only'):
+    first[0]['m0'][0, 0, 0] = 1.0

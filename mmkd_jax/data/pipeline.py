@@ -1,14 +1,16 @@
 """grain input pipelines: infinite shuffled training batches and padded evaluation passes.
 
-A split is read once through `builder.as_data_source()` into NumPy arrays (decoding a TFDS
-record costs ~0.15 ms, a whole batch from memory a few microseconds) and batches are
-gathered from them by index. Batches are dicts of NumPy arrays: `m` (B, L, F) float32 and
+A split is read once per builder through `builder.as_data_source()` into NumPy arrays
+(decoding a TFDS record costs ~0.15 ms, a whole batch from memory a few microseconds) and
+kept, read-only, for the builder's lifetime, so the many evaluation passes and runs of a job
+do not decode it again; batches are gathered from those arrays by index. Batches are dicts of NumPy arrays: `m` (B, L, F) float32 and
 `m_mask` (B, L) bool for each requested modality, `label` (int32 if integer, float32 if
 float, with the label's own trailing shape) and `weight` (B,) float32, 0 for padding.
 """
 import functools
 import sys
 from typing import Iterator, Sequence
+import weakref
 
 import grain
 import numpy as np
@@ -22,22 +24,36 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   return builder.info.splits[split].num_examples
 
 
+# builder -> split -> every field of the split stacked over its records (read-only arrays).
+_SPLITS: 'weakref.WeakKeyDictionary[tfds.core.DatasetBuilder, dict[str, Batch]]' = weakref.WeakKeyDictionary()
+
+
+def _decode_split(builder: tfds.core.DatasetBuilder, split: str) -> Batch:
+  """Every field of `split` stacked in source order, decoded on first use and then cached."""
+  cached = _SPLITS.setdefault(builder, {})
+  if split not in cached:
+    source = builder.as_data_source(split=split)
+    records = [source[i] for i in range(len(source))]
+    arrays = {key: np.stack([record[key] for record in records]) for key in builder.info.features}
+    for value in arrays.values():
+      value.flags.writeable = False
+    cached[split] = arrays
+  return cached[split]
+
+
 def _read_split(builder: tfds.core.DatasetBuilder, split: str,
                 modalities: Sequence[str]) -> Batch:
-  """Decodes every record of `split` and stacks the requested fields, in source order."""
+  """The requested modalities, their masks, the label and a unit weight of `split`, in source order."""
   features = builder.info.features
   missing = [m for m in modalities if m not in features or m + '_mask' not in features]
   if missing:
     raise ValueError(f'{builder.name} has no modalities {missing}; it has '
                      f'{[name for name in features if name + "_mask" in features]}')
-  source = builder.as_data_source(split=split)
-  records = [source[i] for i in range(len(source))]
-  keys = [key for m in modalities for key in (m, m + '_mask')] + ['label']
-  arrays = {key: np.stack([record[key] for record in records]) for key in keys}
-  label = arrays['label']
-  arrays['label'] = label.astype(np.float32 if np.issubdtype(label.dtype, np.floating)
-                                 else np.int32)
-  arrays['weight'] = np.ones(len(records), np.float32)
+  decoded = _decode_split(builder, split)
+  arrays = {key: decoded[key] for m in modalities for key in (m, m + '_mask')}
+  label = decoded['label']
+  arrays['label'] = label.astype(np.float32 if np.issubdtype(label.dtype, np.floating) else np.int32, copy=False)
+  arrays['weight'] = np.ones(len(label), np.float32)
   return arrays
 
 

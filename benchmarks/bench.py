@@ -236,7 +236,9 @@ def main(argv=None):
   runtime.configure_host(ml_collections.ConfigDict(
       {'host': {'cpu_devices': a.cpu_devices,
                 'cpu_dispatch': a.cpu_dispatch or ('auto' if a.host_tuning else 'async'),
-                'keep_freed_memory': bool(a.host_tuning)}}))
+                'keep_freed_memory': bool(a.host_tuning),
+                # Compile times are measured cold, never loaded from a cache.
+                'compilation_cache_dir': ''}}))
   models = [m for m in a.models.split(',') if m]
   torch = ref = None
   if a.torch:

@@ -1,4 +1,6 @@
 """Shared defaults: mfeat, a Fourier+pixel teacher, a Fourier student. Variants import this."""
+import os
+
 import ml_collections
 
 from mmkd_jax import data
@@ -109,6 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Let glibc malloc keep freed memory, so that each step's large scratch buffer is not mapped and
   # page-faulted in again every step (see mmkd_jax/runtime.py).
   config.host.keep_freed_memory = True
+  # Keep compiled XLA programs here ('' = off), so that a program compiled before (another seed's run
+  # of the same model, a re-run of the job, the study's repeated cells) loads instead of compiling
+  # again; least recently used entries go beyond 2 GiB. Default: $MMKD_JAX_COMPILATION_CACHE if set.
+  config.host.compilation_cache_dir = os.environ.get('MMKD_JAX_COMPILATION_CACHE', '~/.cache/mmkd_jax/xla')
 
   config.mesh = ml_collections.ConfigDict()
   # Devices on the 'model' mesh axis (reserved; 1 = pure data parallelism over all devices).

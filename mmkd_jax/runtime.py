@@ -8,6 +8,9 @@ step page-faults it back in: 27k page faults, about 40% of the teacher's step ti
 Running the computation on the calling thread (main arena) and letting malloc keep freed
 memory removes the faults. `config.host.cpu_devices` splits the CPU into several JAX
 devices, so that the data-parallel step also spreads one model's work over the cores.
+`config.host.compilation_cache_dir` keeps compiled programs on disk: a default-job run
+compiles its train step in 4-9 s on 2 CPU cores, and the runs of other seeds, a re-run of the
+job and the study's cells compile exactly the same programs again.
 """
 import ctypes
 import ctypes.util
@@ -21,6 +24,12 @@ CPU_DISPATCH = ('auto', 'sync', 'async')
 DISTRIBUTED_INITIALIZE = ('auto', 'always', 'never')
 # Environment variables under which 'auto' starts jax.distributed (SLURM job, TPU pod on GKE / queued resources).
 CLUSTER_ENV = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
+
+# Least recently used compiled programs are evicted from the cache beyond this size.
+COMPILATION_CACHE_MAX_BYTES = 2 << 30
+# Programs that compile faster than this are not cached: every cache write scans all entries to
+# evict, so thousands of tiny eager-op programs would slow every write (a train step takes seconds).
+COMPILATION_CACHE_MIN_COMPILE_S = 0.3
 
 # glibc mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -64,6 +73,20 @@ def configure_host(config: ml_collections.ConfigDict) -> None:
   jax.config.update('jax_cpu_enable_async_dispatch', not sync)
   if host.keep_freed_memory:
     keep_freed_memory()
+  set_compilation_cache(host.compilation_cache_dir)
+
+
+def set_compilation_cache(directory: str) -> None:
+  """Persists every compiled XLA program in `directory` ('' = no cache) and loads it from there
+  when the same program (same computation, shapes, flags and backend) is compiled again;
+  this also takes effect in a process that has compiled before (tests, notebooks).
+  """
+  path = os.path.abspath(os.path.expanduser(directory)) if directory else None
+  if path == jax.config.values['jax_compilation_cache_dir']:
+    return
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', COMPILATION_CACHE_MIN_COMPILE_S)
+  jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_MAX_BYTES)
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:

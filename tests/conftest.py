@@ -1,5 +1,8 @@
 """Shared fixtures: the real default config shrunk to a tiny synthetic problem."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tiny test models: XLA's backend optimisations cost more compile time than they save (about -35%
 # wall time measured on the end-to-end tests). Set before JAX starts; subprocesses inherit it.
@@ -9,9 +12,15 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_opt
 # Numerics are checked against float64 references: full float32 matmuls also on GPUs, whose default is
 # TF32 (a no-op on CPU). Read by JAX at import; subprocesses inherit it.
 os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
+# Compiled programs are cached for the test session only (config.host.compilation_cache_dir): tests
+# reuse each other's programs but never read or fill the user's cache. Subprocesses that import this
+# module (training scripts of the multi-process tests) inherit the session's directory.
+if '_MMKD_JAX_TEST_CACHE' not in os.environ:
+  os.environ['_MMKD_JAX_TEST_CACHE'] = tempfile.mkdtemp(prefix='mmkd_jax_test_xla_')
+  atexit.register(shutil.rmtree, os.environ['_MMKD_JAX_TEST_CACHE'], ignore_errors=True)
+os.environ['MMKD_JAX_COMPILATION_CACHE'] = os.environ['_MMKD_JAX_TEST_CACHE']
 
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -109,3 +109,33 @@ def test_initialize_always_without_a_cluster_names_the_fix(monkeypatch):
   message = str(error.value)
   assert '\n' not in message and "initialize='always'" in message
   assert 'coordinator_address should be defined' in message and "'never'" in message
+
+
+# Compiles a step-like function after configure_host; prints the persistent-cache hits and misses.
+_CACHE_USE = textwrap.dedent('''
+    import sys, jax, jax.numpy as jnp
+    from configs import default
+    from mmkd_jax import runtime
+    events = []
+    jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+    jax.jit(jnp.cos)(1.0)  # something compiled before the cache is set (as in a test or notebook)
+    config = default.get_config()
+    config.host.compilation_cache_dir = sys.argv[1]
+    runtime.COMPILATION_CACHE_MIN_COMPILE_S = 0.0  # the program below compiles in milliseconds
+    runtime.configure_host(config)
+    jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((8, 8)))
+    print(sum('cache_hits' in e for e in events), sum('cache_misses' in e for e in events))
+''')
+
+
+def test_compilation_cache_serves_a_program_compiled_in_an_earlier_process(tmp_path):
+  cache = tmp_path / 'xla'
+  hits, misses = map(int, _run(_CACHE_USE, str(cache)).split())
+  assert hits == 0 and misses >= 1 and any(cache.iterdir())
+  hits, misses = map(int, _run(_CACHE_USE, str(cache)).split())
+  assert hits >= 1 and misses == 0
+
+
+def test_empty_compilation_cache_dir_caches_nothing(tmp_path):
+  hits, misses = map(int, _run(_CACHE_USE, '').split())
+  assert hits == misses == 0

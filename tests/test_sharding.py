@@ -65,9 +65,15 @@ def _losses(run_dir: str) -> np.ndarray:
     return np.array([json.loads(line)['loss'] for line in f])
 
 
-def _run(command: list[str], devices: int) -> None:
-  result = subprocess.run(command, cwd=REPO, env=_env(devices), capture_output=True, text=True)
-  assert result.returncode == 0, result.stderr[-3000:]
+def _run_all(commands: dict[int, list[str]]) -> None:
+  """Runs each command on its device count, all at once (the jobs are independent; compiling, most of
+  their time, is single-threaded), and checks that every one succeeded."""
+  processes = {devices: subprocess.Popen(command, cwd=REPO, env=_env(devices), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True)
+               for devices, command in commands.items()}
+  errors = {devices: p.communicate(timeout=600)[1] for devices, p in processes.items()}
+  for devices, p in processes.items():
+    assert p.returncode == 0, f'{devices} devices: {errors[devices][-3000:]}'
 
 
 def test_batch_is_sharded_over_eight_devices():
@@ -89,10 +95,13 @@ def test_gradient_is_summed_by_one_all_reduce():
 def distill_runs(tmp_path_factory):
   """The tiny distill job (teacher, baseline, distilled student) on 1, 2 and 8 devices."""
   tmp_path = tmp_path_factory.mktemp('devices')
-  config = write_tiny_config(tmp_path, 'distill', num_steps=8, eval_every=4, log_every=1)
-  for devices in (1, 2, 8):
-    _run([sys.executable, '-m', 'mmkd_jax.main', f'--config={config}', f'--workdir={tmp_path / str(devices)}'],
-         devices)
+  commands = {}
+  for devices in (1, 2, 8):  # each job prepares the (same, seeded) data in its own dir: they run at once
+    (tmp_path / f'config_{devices}').mkdir()
+    config = write_tiny_config(tmp_path / f'config_{devices}', 'distill', num_steps=8, eval_every=4, log_every=1)
+    commands[devices] = [sys.executable, '-m', 'mmkd_jax.main', f'--config={config}',
+                         f'--workdir={tmp_path / str(devices)}']
+  _run_all(commands)
   return tmp_path
 
 

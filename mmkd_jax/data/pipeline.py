@@ -3,9 +3,10 @@
 A split is read once per builder through `builder.as_data_source()` into NumPy arrays
 (decoding a TFDS record costs ~0.15 ms, a whole batch from memory a few microseconds) and
 kept, read-only, for the builder's lifetime, so the many evaluation passes and runs of a job
-do not decode it again; batches are gathered from those arrays by index. Batches are dicts of NumPy arrays: `m` (B, L, F) float32 and
-`m_mask` (B, L) bool for each requested modality, `label` (int32 if integer, float32 if
-float, with the label's own trailing shape) and `weight` (B,) float32, 0 for padding.
+do not decode it again; batches are gathered from those arrays by index. Batches are dicts
+of NumPy arrays: `m` (B, L, F) float32 and `m_mask` (B, L) bool for each requested modality,
+`label` (int32 if integer, float32 if float, with the label's own trailing shape) and
+`weight` (B,) float32, 0 for padding.
 """
 import functools
 import sys

@@ -18,6 +18,7 @@ import os
 import sys
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 
 CPU_DISPATCH = ('auto', 'sync', 'async')
@@ -87,6 +88,9 @@ def set_compilation_cache(directory: str) -> None:
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', COMPILATION_CACHE_MIN_COMPILE_S)
   jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_MAX_BYTES)
+  # JAX opens its cache once, at the first compile after a directory is set; another directory (or
+  # none) later in the same process needs it closed first.
+  compilation_cache.reset_cache()
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:

@@ -139,3 +139,22 @@ def test_compilation_cache_serves_a_program_compiled_in_an_earlier_process(tmp_p
 def test_empty_compilation_cache_dir_caches_nothing(tmp_path):
   hits, misses = map(int, _run(_CACHE_USE, '').split())
   assert hits == misses == 0
+
+
+def test_compilation_cache_follows_a_changed_directory(tmp_path):
+  script = textwrap.dedent('''
+      import sys, jax, jax.numpy as jnp
+      from configs import default
+      from mmkd_jax import runtime
+      runtime.COMPILATION_CACHE_MIN_COMPILE_S = 0.0
+      config = default.get_config()
+      for directory, fn in zip(sys.argv[1:], (jnp.sin, jnp.cos, jnp.tan)):
+        config.host.compilation_cache_dir = directory
+        runtime.configure_host(config)
+        jax.jit(lambda x: fn(x) * 2)(jnp.ones(3))
+      print('done')
+  ''')
+  first, second, off = tmp_path / 'first', tmp_path / 'second', ''
+  assert _run(script, str(first), str(second), off) == 'done'
+  # each step function went to the directory set when it was compiled, and none once the cache was off
+  assert len(list(first.glob('jit__lambda-*-cache'))) == 1 and len(list(second.glob('jit__lambda-*-cache'))) == 1

@@ -65,15 +65,14 @@ def _losses(run_dir: str) -> np.ndarray:
     return np.array([json.loads(line)['loss'] for line in f])
 
 
-def _run_all(commands: dict[int, list[str]]) -> None:
-  """Runs each command on its device count, all at once (the jobs are independent; compiling, most of
-  their time, is single-threaded), and checks that every one succeeded."""
-  processes = {devices: subprocess.Popen(command, cwd=REPO, env=_env(devices), stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, text=True)
-               for devices, command in commands.items()}
-  errors = {devices: p.communicate(timeout=600)[1] for devices, p in processes.items()}
-  for devices, p in processes.items():
-    assert p.returncode == 0, f'{devices} devices: {errors[devices][-3000:]}'
+def _run_all(runs: list[tuple[list[str], int]], timeout: int) -> None:
+  """Runs every (command, device count) at once and checks that each succeeded: independent jobs
+  (compiling, most of their time, is single-threaded) or the processes of one multi-process job."""
+  processes = [subprocess.Popen(command, cwd=REPO, env=_env(devices), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for command, devices in runs]
+  errors = [p.communicate(timeout=timeout)[1] for p in processes]
+  for (command, devices), p, error in zip(runs, processes, errors):
+    assert p.returncode == 0, f'{command} on {devices} devices: {error[-3000:]}'
 
 
 def test_batch_is_sharded_over_eight_devices():
@@ -95,13 +94,13 @@ def test_gradient_is_summed_by_one_all_reduce():
 def distill_runs(tmp_path_factory):
   """The tiny distill job (teacher, baseline, distilled student) on 1, 2 and 8 devices."""
   tmp_path = tmp_path_factory.mktemp('devices')
-  commands = {}
+  runs = []
   for devices in (1, 2, 8):  # each job prepares the (same, seeded) data in its own dir: they run at once
     (tmp_path / f'config_{devices}').mkdir()
     config = write_tiny_config(tmp_path / f'config_{devices}', 'distill', num_steps=8, eval_every=4, log_every=1)
-    commands[devices] = [sys.executable, '-m', 'mmkd_jax.main', f'--config={config}',
-                         f'--workdir={tmp_path / str(devices)}']
-  _run_all(commands)
+    runs.append(([sys.executable, '-m', 'mmkd_jax.main', f'--config={config}',
+                  f'--workdir={tmp_path / str(devices)}'], devices))
+  _run_all(runs, timeout=600)
   return tmp_path
 
 
@@ -125,13 +124,9 @@ def test_two_process_run_agrees_with_one_process(tmp_path, distill_runs):
   config = write_tiny_config(tmp_path, 'teacher', num_steps=8, eval_every=4, log_every=1)
   workdir = tmp_path / 'multihost'
   port = _free_port()
-  processes = [
-      subprocess.Popen([sys.executable, '-m', 'mmkd_jax.main', f'--config={config}', f'--workdir={workdir}',
-                        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-                        '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'],
-                       cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in processes]
-  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  _run_all([([sys.executable, '-m', 'mmkd_jax.main', f'--config={config}', f'--workdir={workdir}',
+              f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+              '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'], 1)
+            for i in range(2)], timeout=300)
   np.testing.assert_allclose(_losses(str(workdir)), _losses(str(distill_runs / '1' / 'teacher')),
                              rtol=2e-4, atol=1e-5)

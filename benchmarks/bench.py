@@ -17,7 +17,9 @@ FLOPs per step come from XLA's cost_analysis() of the compiled step.
 When torch is importable (and --torch 1), the PyTorch reference (eager and torch.compile)
 is timed in the same process; JAX and torch measurements alternate over `--rounds` rounds
 (run sequentially, never concurrently) and the medians over rounds are reported, with the
-ratios JAX/torch-eager and JAX/torch-compiled. Prints a table and one JSON line.
+ratios JAX/torch-eager and JAX/torch-compiled, and the median and quartiles of the per-round
+ratios. Blocks are long on purpose: shorter ones measured torch slower than long ones did, which
+flatters JAX (benchmarks/README.md). Prints a table and one JSON line.
 
 The process starts with the project's host settings (mmkd_jax/runtime.py, as a training
 run does): `--host_tuning 1` keeps freed malloc memory (this applies to torch in the same
@@ -310,12 +312,21 @@ def main(argv=None):
           # per-round ratios (same round = same machine load) and their median
           rr = [j / t for j, t in zip(res[f'{kind}_jax_rounds'], res[f'{kind}_{impl}_rounds'])]
           res[f'{kind}_ratio_vs_{impl}_per_round_median'] = round(statistics.median(rr), 3)
+          res[f'{kind}_ratio_vs_{impl}_per_round_quartiles'] = [round(q, 3) for q in quartiles(rr)]
     if (m, 'torch_compiled') in cases:
       res['torch_compile_first_step_s'] = round(cases[m, 'torch_compiled'].train_first_s, 2)
     result[m] = res
 
   print_table(result, models)
   print(json.dumps(result))
+
+
+def quartiles(values):
+  """First and third quartiles of `values` (both the value itself when there is one)."""
+  if len(values) < 2:
+    return [values[0], values[0]]
+  q1, _, q3 = statistics.quantiles(values, n=4, method='inclusive')
+  return [q1, q3]
 
 
 def print_table(result, models):
@@ -337,6 +348,12 @@ def print_table(result, models):
       print(' | '.join(f'{"-" if v is None else v:>12}' for v in row))
     print(f"{m}: JAX on {r['jax_devices']} device(s), compile+first train step {r['compile_first_step_s']} s, first inference "
           f"{r['compile_first_infer_s']} s; params jax {r['params_jax']} torch {r.get('params_torch', '-')}")
+    for kind in ('train', 'infer'):
+      for impl in ('torch_eager', 'torch_compiled'):
+        if f'{kind}_ratio_vs_{impl}_per_round_median' in r:
+          q1, q3 = r[f'{kind}_ratio_vs_{impl}_per_round_quartiles']
+          print(f"  {kind} jax/{impl.removeprefix('torch_')} per round: median {r[f'{kind}_ratio_vs_{impl}_per_round_median']}, "
+                f'quartiles {q1}-{q3} over {len(r[f"{kind}_jax_rounds"])} rounds')
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
 """The speed benchmark runs end to end at toy sizes (a smoke test: no timing is checked)."""
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -34,3 +35,12 @@ def test_bench_rejects_bad_model_devices():
                           capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "--model_devices: bad entry 'teacher=3'" in result.stderr
+
+
+def test_quartiles_of_per_round_ratios():
+  spec = importlib.util.spec_from_file_location('bench', REPO / 'benchmarks' / 'bench.py')
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert bench.quartiles([5.0, 1.0, 3.0, 2.0, 4.0]) == [2.0, 4.0]
+  assert bench.quartiles([1.0, 2.0]) == [1.25, 1.75]
+  assert bench.quartiles([1.3]) == [1.3, 1.3]

@@ -3,11 +3,13 @@ the batch really is sharded, and a two-process run on localhost agrees with one 
 
 Each device count needs a fresh process (XLA_FLAGS is read once), so the jobs run as subprocesses.
 """
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -67,12 +69,23 @@ def _losses(run_dir: str) -> np.ndarray:
 
 def _run_all(runs: list[tuple[list[str], int]], timeout: int) -> None:
   """Runs every (command, device count) at once and checks that each succeeded: independent jobs
-  (compiling, most of their time, is single-threaded) or the processes of one multi-process job."""
-  processes = [subprocess.Popen(command, cwd=REPO, env=_env(devices), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for command, devices in runs]
-  errors = [p.communicate(timeout=timeout)[1] for p in processes]
-  for (command, devices), p, error in zip(runs, processes, errors):
-    assert p.returncode == 0, f'{command} on {devices} devices: {error[-3000:]}'
+  (compiling, most of their time, is single-threaded) or the processes of one multi-process job.
+
+  Their logs go to files, not pipes: a process blocked on a full pipe that is not being read would
+  stall the others (the processes of one job wait for each other). Processes still running when
+  the timeout ends or a check fails are killed.
+  """
+  with contextlib.ExitStack() as stack:
+    logs = [stack.enter_context(tempfile.TemporaryFile('w+')) for _ in runs]
+    processes = [subprocess.Popen(command, cwd=REPO, env=_env(devices), stdout=subprocess.DEVNULL, stderr=log,
+                                  text=True) for (command, devices), log in zip(runs, logs)]
+    for p in processes:
+      stack.callback(p.kill)  # after wait() a no-op; before it, the cleanup of a timed-out run
+    for p in processes:
+      p.wait(timeout=timeout)
+    for (command, devices), p, log in zip(runs, processes, logs):
+      log.seek(0)
+      assert p.returncode == 0, f'{command} on {devices} devices: {log.read()[-3000:]}'
 
 
 def test_batch_is_sharded_over_eight_devices():

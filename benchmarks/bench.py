@@ -123,7 +123,7 @@ class JaxCase:
     rng = np.random.default_rng(0)
     self.batch = batch = jax_batch(a, rng)
     self.labels = labels = jnp.asarray(rng.integers(0, a.classes, a.batch), jnp.int32)
-    params = model.init(jax.random.key(0), batch)['params']
+    params = jax.jit(model.init)(jax.random.key(0), batch)['params']
     # Data parallelism as in training: batch split on 'data' over the devices, parameters replicated.
     mesh = Mesh(np.array(jax.devices()[:num_devices or None]), ('data',))
     self.num_devices = mesh.size

@@ -268,11 +268,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info
                        terms: tuple[distill.Term, ...]) -> tuple[train_state.TrainState, Distillation | None]:
   """Initial state: params {'model', 'projector'} (projector only where distilled widths differ).
 
-  `rngs` = (model init key, projector init key).
+  `rngs` = (model init key, projector init key). Initialisation is jitted: one compiled program
+  per model instead of one per op and shape, the same parameters bit for bit.
   """
   model_rng, projector_rng = rngs
   sample = dummy_batch(info, modalities)
-  params = {'model': model.init(model_rng, sample)['params'], 'projector': {}}
+  params = {'model': jax.jit(model.init)(model_rng, sample)['params'], 'projector': {}}
   dist = None
   if teacher is not None:
     teacher_depth = teacher[0].num_cross_layers + teacher[0].num_self_layers
@@ -284,7 +285,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info
     widths = distill.projection_widths(pairs)
     if widths and config.distill.projection:
       concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pairs)
-      params['projector'] = distill.Projector(widths).init(projector_rng, concrete)['params']
+      params['projector'] = jax.jit(distill.Projector(widths).init)(projector_rng, concrete)['params']
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optimizers.create_optimizer(config.train))
   return state, dist
 

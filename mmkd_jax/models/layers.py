@@ -131,6 +131,16 @@ class Block(nn.Module):
     return x + dropout(y), probs
 
 
+def position_init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+  """normal(0.02) that draws the same bits under jit as eagerly.
+
+  Under jit XLA would fold the 0.02 into the draw's own sqrt(2) and round differently; the
+  barrier keeps the two multiplications apart, so jitted initialisation (which compiles one
+  program instead of one per op and shape) reproduces eager `nn.initializers.normal(0.02)`.
+  """
+  return jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype)) * jnp.asarray(0.02, dtype)
+
+
 class Embed(nn.Module):
   """Projects (B, L, F) features to the model width and adds a learned position embedding."""
   width: int
@@ -138,7 +148,7 @@ class Embed(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    position = self.param('position', nn.initializers.normal(0.02), (x.shape[1], self.width))
+    position = self.param('position', position_init, (x.shape[1], self.width))
     return Dense(self.width, dtype=self.dtype, name='project')(x) + position.astype(self.dtype)
 
 

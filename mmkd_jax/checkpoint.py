@@ -11,7 +11,8 @@ import shutil
 from typing import Any
 
 from absl import logging
-
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -40,11 +41,16 @@ def create_manager(directory: str) -> ocp.CheckpointManager:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
          metrics: dict[str, float]) -> None:
-  """Saves state, iterator position and metrics (which must hold SCORE) at `step`."""
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+  """Starts saving state, iterator position and metrics (which must hold SCORE) at `step`.
+
+  The write runs in the background while training goes on (`manager.wait_until_finished()`
+  before reading checkpoints back; `manager.close()` waits too). What is written is a copy of
+  `state` in buffers of its own, so the next train step may donate the state's buffers.
+  """
+  snapshot = jax.tree.map(jnp.copy, state)
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(snapshot),
                                              data=ocp.args.JsonSave(data_state)),
                metrics={k: float(v) for k, v in metrics.items()})
-  manager.wait_until_finished()
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:

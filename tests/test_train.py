@@ -56,6 +56,28 @@ def test_teacher_checkpoint_restores_and_finished_run_is_not_retrained(tiny_conf
       [n for n in events if n.startswith('events')])
 
 
+def test_background_checkpoint_holds_the_state_of_its_step_while_training_donates_on(tmp_path):
+  """checkpoint.save returns before the write ends; the steps that follow donate the state's
+  buffers and overwrite them, and the checkpoint must still hold the state saved."""
+  update = jax.jit(lambda tree: jax.tree.map(lambda x: x * 1.5 + 1.0, tree), donate_argnums=0)
+  state = {'w': jax.numpy.arange(4096.0).reshape(64, 64), 'b': jax.numpy.ones(64)}
+  manager = checkpoint.create_manager(str(tmp_path / 'checkpoints'))
+  expected = {}
+  for step in (1, 2):
+    state = update(state)
+    expected[step] = jax.tree.map(np.array, state)
+    checkpoint.save(manager, step, state, {'next_step': step}, {checkpoint.SCORE: float(3 - step)})  # 1: best, 2: latest
+    for _ in range(5):
+      state = update(state)
+  manager.wait_until_finished()
+  for step in (1, 2):
+    restored, data_state = checkpoint.restore(manager, step, jax.tree.map(np.zeros_like, expected[step]))
+    assert data_state == {'next_step': step}
+    for key in ('w', 'b'):
+      np.testing.assert_array_equal(np.asarray(restored[key]), expected[step][key])
+  manager.close()
+
+
 @pytest.mark.parametrize('key, value, message', [
     ('distill.terms', 'logitz:kl:1', "unknown distillation level 'logitz'"),
     ('distill.terms', 'logits:kld:1', "unknown distillation method 'kld'"),

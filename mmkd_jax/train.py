@@ -211,8 +211,10 @@ class _PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-# Running sums of the train metrics, merged in one compiled call per step instead of an eager op per field.
-merge_metrics = jax.jit(lambda accumulated, new: accumulated.merge(new))
+@jax.jit
+def merge_metrics(accumulated: clu_metrics.Collection, new: clu_metrics.Collection) -> clu_metrics.Collection:
+  """Adds a step's metrics to the running sums: one compiled call per step, not an eager op per field."""
+  return accumulated.merge(new)
 
 
 def shard_local_batch(batch: dict, sharding: NamedSharding) -> dict:

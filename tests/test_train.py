@@ -57,8 +57,8 @@ def test_teacher_checkpoint_restores_and_finished_run_is_not_retrained(tiny_conf
 
 
 def test_background_checkpoint_holds_the_state_of_its_step_while_training_donates_on(tmp_path):
-  """checkpoint.save returns before the write ends; the steps that follow donate the state's
-  buffers and overwrite them, and the checkpoint must still hold the state saved."""
+  """checkpoint.save returns before the write ends; the steps that follow ask to donate the
+  state's buffers, and the checkpoint must still hold the state of the step it was saved at."""
   update = jax.jit(lambda tree: jax.tree.map(lambda x: x * 1.5 + 1.0, tree), donate_argnums=0)
   state = {'w': jax.numpy.arange(4096.0).reshape(64, 64), 'b': jax.numpy.ones(64)}
   manager = checkpoint.create_manager(str(tmp_path / 'checkpoints'))

@@ -54,6 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill.projection = True
   # Directory of the teacher run; '' = <workdir>/teacher (trained there first if missing).
   config.distill.teacher_dir = ''
+  # Compute the frozen teacher's side of every distilled pair once for the training set and read it
+  # with each batch, instead of running the teacher in every step (a speed knob; the numbers move
+  # by float rounding only). Above cache_teacher_max_gb GiB of such targets the teacher runs online.
+  config.distill.cache_teacher = True
+  config.distill.cache_teacher_max_gb = 2.0
   # Keyword arguments of each method (config.distill.hparams.<method>.<name>).
   config.distill.hparams = ml_collections.ConfigDict({
       'kl': {'temperature': 4.0},

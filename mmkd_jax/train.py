@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -92,6 +92,9 @@ class Distillation:
   hparams: dict
   layer_map: tuple[tuple[int, int], ...]
   task_weight: float
+  # Per-example shapes of the teacher's taps when the batches carry the pairs' teacher sides
+  # (`teacher_targets`, config.distill.cache_teacher); None: the step runs the teacher.
+  cached_taps: Any = None
 
 
 def data_parallel_apply(model: nn.Module, mesh: Mesh) -> Callable:
@@ -116,13 +119,64 @@ def data_parallel_apply(model: nn.Module, mesh: Mesh) -> Callable:
   return apply
 
 
-def distillation_pairs(model: nn.Module, dist: Distillation, taps: dict, teacher_params: Any,
-                       batch: dict) -> dict:
-  """The pairs between the student's `taps` on `batch` and the (frozen) teacher's."""
-  _, teacher_taps = dist.teacher.apply({'params': teacher_params}, batch, train=False)
+def pairs_of(model: nn.Module, dist: Distillation, taps: dict, teacher_taps: dict, batch: dict) -> dict:
+  """The pairs between the student's `taps` and the teacher's `teacher_taps` on `batch`."""
   context = distill.LevelContext(model.modality, batch[f'{model.modality}_mask'].astype(jnp.float32),
                                  batch['weight'], dist.layer_map)
   return distill.collect_pairs(dist.terms, taps, teacher_taps, context)
+
+
+def distillation_pairs(model: nn.Module, dist: Distillation, taps: dict, teacher_params: Any,
+                       batch: dict) -> dict:
+  """The pairs between the student's `taps` on `batch` and the (frozen) teacher's, run on `batch`
+  or, with `dist.cached_taps`, read from the batch's `teacher_target_key` fields."""
+  if dist.cached_taps is None:
+    return pairs_of(model, dist, taps, dist.teacher.apply({'params': teacher_params}, batch, train=False)[1], batch)
+  # Zero stand-ins give the levels their shapes; their teacher sides are replaced, so XLA drops them.
+  size = batch['weight'].shape[0]
+  stand_in = jax.tree.map(lambda s: jnp.zeros((size,) + s.shape, s.dtype), dist.cached_taps)
+  return {level: {name: pair.replace(teacher=batch[teacher_target_key(level, name)]) for name, pair in named.items()}
+          for level, named in pairs_of(model, dist, taps, stand_in, batch).items()}
+
+
+def teacher_target_key(level: str, name: str) -> str:
+  return f'teacher/{level}/{name}'
+
+
+def teacher_targets(model: nn.Module, dist: Distillation, student_params: Any, teacher_params: Any,
+                    info: data.TaskInfo, batches: Iterable[dict], num_examples: int, max_gb: float,
+                    out_sharding: NamedSharding) -> tuple[dict[str, np.ndarray], Any] | None:
+  """Every distillation pair's teacher side for each training example, computed once.
+
+  The teacher is frozen and runs in eval mode, and the training data has no augmentation, so
+  these are the tensors the step would otherwise recompute each time it draws the example.
+  `batches` is one ordered pass over the train split (padded at the end). Returns
+  (`teacher_target_key` -> array over the split in source order, the per-example shapes of
+  the teacher's taps), or None when the arrays would exceed `max_gb` GiB. This assumes what
+  the built-in levels do: a pair's teacher side is a function of the teacher's taps and mask
+  of the example alone (not of the student, nor of other examples).
+  """
+  def targets(params, t_params, batch):
+    pairs = distillation_pairs(model, dist, model.apply({'params': params}, batch)[1], t_params, batch)
+    return {teacher_target_key(level, name): pair.teacher for level, named in pairs.items()
+            for name, pair in named.items()}
+
+  modalities = list(dict.fromkeys([model.modality, *dist.teacher.modalities]))
+  probe = jax.tree.map(jnp.asarray, dummy_batch(info, modalities, 1))
+  per_example = jax.eval_shape(targets, student_params, teacher_params, probe)
+  size_gb = num_examples * sum(x.size * x.dtype.itemsize for x in per_example.values()) / 2**30
+  if size_gb > max_gb:
+    logging.warning('the teacher targets of %d training examples need %.2f GiB, more than config.distill.'
+                    'cache_teacher_max_gb=%s: the teacher runs in every step instead', num_examples, size_gb, max_gb)
+    return None
+  start = time.perf_counter()
+  fn = jax.jit(targets, out_shardings=out_sharding)
+  parts = [jax.device_get(fn(student_params, teacher_params, batch)) for batch in batches]
+  fields = {key: np.concatenate([part[key] for part in parts])[:num_examples] for key in per_example}
+  logging.info('teacher targets of %d training examples computed once: %.1f MiB in %.1f s', num_examples,
+               size_gb * 1024, time.perf_counter() - start)
+  taps = jax.eval_shape(lambda t, b: dist.teacher.apply({'params': t}, b, train=False)[1], teacher_params, probe)
+  return fields, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), taps)
 
 
 def distill_metric_name(term: distill.Term) -> str:
@@ -250,7 +304,8 @@ def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, dis
   }
   if distilled:
     fingerprint['teacher'] = config.teacher.to_dict()
-    fingerprint['distill'] = {k: v for k, v in config.distill.to_dict().items() if k != 'teacher_dir'}
+    fingerprint['distill'] = {k: v for k, v in config.distill.to_dict().items()
+                              if k not in ('teacher_dir', 'cache_teacher', 'cache_teacher_max_gb')}
   return fingerprint
 
 
@@ -323,8 +378,20 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   state = jax.device_put(state, replicated)
   teacher_params = jax.device_put(teacher[1], replicated) if teacher else None
 
+  row_fields = None
+  if dist is not None and config.distill.cache_teacher:
+    cached = teacher_targets(
+        model, dist, state.params['model'], teacher_params, info,
+        (shard_global_batch(b, data_sharding)
+         for b in pipeline.eval_batches(builder, 'train', modalities, config.train.eval_batch_size)),
+        pipeline.num_examples(builder, 'train'), config.distill.cache_teacher_max_gb, replicated)
+    if cached is not None:
+      # The train batches then carry the teacher's targets instead of its input modalities.
+      row_fields, taps = cached
+      dist, modalities = dataclasses.replace(dist, cached_taps=taps), [model.modality]
   train_iter = pipeline.train_iterator(builder, modalities, config.train.batch_size // jax.process_count(), seed,
-                                       shard_index=jax.process_index(), shard_count=jax.process_count())
+                                       shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                       row_fields=row_fields)
   manager = checkpoint.create_manager(os.path.join(run_dir, 'checkpoints'))
   if manager.latest_step() is not None:
     state, data_state = checkpoint.restore(manager, manager.latest_step(), state)

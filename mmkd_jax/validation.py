@@ -56,7 +56,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                'mesh.model'):
     _positive(config, path)
   for path in ('teacher.num_self_layers', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip',
-               'teacher.dropout_rate', 'student.dropout_rate', 'distill.task_weight', 'host.cpu_devices'):
+               'teacher.dropout_rate', 'student.dropout_rate', 'distill.task_weight', 'distill.cache_teacher_max_gb',
+               'host.cpu_devices'):
     _positive(config, path, allow_zero=True)
   for role in ('teacher', 'student'):
     if config[role].width % config[role].num_heads:

@@ -294,6 +294,22 @@ def test_train_shards_are_disjoint(synthetic_builder):
     pipeline.train_iterator(synthetic_builder, ['m0'], 16, seed=0, shard_index=2, shard_count=2)
 
 
+def test_row_fields_travel_with_their_examples(synthetic_builder):
+  """Per-example arrays in source order (the teacher's cached targets) stay with their rows."""
+  ids = _example_ids(synthetic_builder, 'train', 'm0')
+  n = len(ids)
+  row_fields = {'teacher/row': np.arange(n, dtype=np.int32)}
+  iterator = pipeline.train_iterator(synthetic_builder, ['m0'], 48, seed=2, row_fields=row_fields)
+  for _ in range(7):  # past the first epoch's end
+    batch = next(iterator)
+    assert batch['teacher/row'].shape == (48,)
+    assert batch['teacher/row'].tolist() == _ids(batch, ids)
+  with pytest.raises(ValueError, match=rf"row field 'teacher/row' has {n - 1} rows; train has {n}"):
+    pipeline.train_iterator(synthetic_builder, ['m0'], 48, seed=2, row_fields={'teacher/row': np.arange(n - 1)})
+  with pytest.raises(ValueError, match="row field 'm0_mask' has the name of a field of train"):
+    pipeline.train_iterator(synthetic_builder, ['m0'], 48, seed=2, row_fields={'m0_mask': np.arange(n)})
+
+
 def test_eval_batches_cover_split_once(synthetic_builder):
   ids = _example_ids(synthetic_builder, 'validation', 'm0')
   batches = list(pipeline.eval_batches(synthetic_builder, 'validation', ['m0', 'm2'], 24))

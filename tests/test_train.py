@@ -1,5 +1,7 @@
 """End-to-end: the real jobs on a tiny synthetic problem, checkpoints, resume, bad input."""
+import dataclasses
 import json
+import logging
 import os
 
 import jax
@@ -7,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mmkd_jax import checkpoint, train
+from mmkd_jax import checkpoint, data, distill, train
 from mmkd_jax.data import pipeline
 from tests.conftest import PoisonedIterator
 
@@ -138,3 +140,66 @@ def test_distill_from_an_explicit_teacher_dir_restores_it_untouched(tiny_config,
   assert results['teacher']['test'] == teacher['test']
   assert (sorted(os.listdir(teacher_dir)), sorted(os.listdir(teacher_dir / 'checkpoints'))) == before
   assert not (tmp_path / 'work' / 'teacher').exists()
+
+
+ALL_LEVELS = 'logits:kl:1.0,hidden:mse:0.5,attention:kl:0.5,pooled:cosine:0.1'
+
+
+def _distillation_setup(config):
+  """A tiny student, a (randomly initialised) teacher and their Distillation on the synthetic data."""
+  config.distill.terms = ALL_LEVELS
+  builder = data.load_builder(config.data)
+  info = data.task_info(builder)
+  teacher, student = train.create_model(config, info, 'teacher'), train.create_model(config, info, 'student')
+  modalities = list(teacher.modalities)
+  teacher_params = teacher.init(jax.random.key(5), train.dummy_batch(info, modalities))['params']
+  state, dist = train.create_train_state(config, student, info, modalities, tuple(jax.random.split(jax.random.key(1))),
+                                         (teacher, teacher_params), distill.parse_terms(config.distill.terms))
+  return builder, info, student, teacher, teacher_params, state, dist
+
+
+def test_cached_teacher_targets_are_the_teacher_sides_of_each_drawn_example(tiny_config):
+  """Read back by row from the cache, every pair of a shuffled batch is the pair the teacher gives online."""
+  builder, info, student, teacher, teacher_params, state, dist = _distillation_setup(tiny_config)
+  mesh = train.create_mesh(tiny_config)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  n = pipeline.num_examples(builder, 'train')
+  passes = (train.shard_global_batch(b, sharding) for b in pipeline.eval_batches(builder, 'train', ['m0', 'm1'], 24))
+  fields, taps = train.teacher_targets(student, dist, state.params['model'], teacher_params, info, passes, n, 1.0,
+                                       replicated)
+  assert set(fields) == {'teacher/logits/logits', 'teacher/pooled/pooled', 'teacher/hidden/hidden_0_1',
+                         'teacher/attention/attention_0_1'}
+  assert all(len(v) == n for v in fields.values())
+  batch = next(pipeline.train_iterator(builder, ['m0', 'm1'], 16, seed=4, row_fields={'row': np.arange(n)}))
+  rows = batch.pop('row')
+  taps_of_student = student.apply({'params': state.params['model']}, batch)[1]
+  online = train.distillation_pairs(student, dist, taps_of_student, teacher_params, batch)
+  student_only = {k: v for k, v in batch.items() if not k.startswith('m1')}
+  cached = train.distillation_pairs(student, dataclasses.replace(dist, cached_taps=taps), taps_of_student, None,
+                                    {**student_only, **{k: v[rows] for k, v in fields.items()}})
+  for level, named in online.items():
+    for name, pair in named.items():
+      np.testing.assert_allclose(cached[level][name].teacher, pair.teacher, rtol=1e-5, atol=1e-6, err_msg=name)
+      np.testing.assert_array_equal(cached[level][name].student, pair.student)
+      np.testing.assert_array_equal(cached[level][name].mask, pair.mask)
+
+
+@pytest.mark.slow
+def test_cached_teacher_gives_the_online_loss_curve_and_falls_back_above_its_memory_limit(tiny_config, tmp_path,
+                                                                                       caplog):
+  builder, info, _, teacher, teacher_params, _, _ = _distillation_setup(tiny_config)
+  tiny_config.train.log_every = 1
+  terms = distill.parse_terms(tiny_config.distill.terms)
+  curves = {}
+  for arm, cache, max_gb in (('cached', True, 2.0), ('online', False, 2.0), ('over_limit', True, 0.0)):
+    tiny_config.distill.cache_teacher, tiny_config.distill.cache_teacher_max_gb = cache, max_gb
+    with caplog.at_level(logging.WARNING):
+      train.train_run(tiny_config, 'student', str(tmp_path / arm), 0, builder, info, teacher=(teacher, teacher_params),
+                      terms=terms)
+    with open(tmp_path / arm / 'metrics.jsonl') as f:
+      curves[arm] = [[row[k] for k in sorted(row)] for row in map(json.loads, f)]
+  assert len(curves['cached']) == tiny_config.train.num_steps
+  np.testing.assert_allclose(curves['cached'], curves['online'], rtol=1e-5, atol=1e-6)
+  assert curves['over_limit'] == curves['online']
+  assert 'more than config.distill.cache_teacher_max_gb=0.0: the teacher runs in every step' in caplog.text

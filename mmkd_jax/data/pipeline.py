@@ -64,17 +64,25 @@ def _take(arrays: Batch, rows: np.ndarray) -> Batch:
 
 def train_iterator(builder: tfds.core.DatasetBuilder, modalities: Sequence[str],
                    batch_size: int, seed: int, *, split: str = 'train', shard_index: int = 0,
-                   shard_count: int = 1) -> grain.DatasetIterator:
+                   shard_count: int = 1, row_fields: Batch | None = None) -> grain.DatasetIterator:
   """Endless training batches, reshuffled every epoch from `seed`; resumable via get_state.
 
   Each epoch is a permutation of the split cut into global batches of
   `batch_size * shard_count` examples (the remainder is dropped); shard `shard_index` gets
-  its `batch_size` slice of each, so shards are disjoint within an epoch.
+  its `batch_size` slice of each, so shards are disjoint within an epoch. `row_fields` are
+  more per-example arrays of the split in source order (e.g. the teacher's cached outputs),
+  batched with the rest.
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
   arrays = _read_split(builder, split, modalities)
   n = len(arrays['label'])
+  for key, value in (row_fields or {}).items():
+    if key in arrays:
+      raise ValueError(f'row field {key!r} has the name of a field of {split}')
+    if len(value) != n:
+      raise ValueError(f'row field {key!r} has {len(value)} rows; {split} has {n}')
+  arrays = {**arrays, **(row_fields or {})}
   global_batch = batch_size * shard_count
   batches_per_epoch = n // global_batch
   if not batches_per_epoch:

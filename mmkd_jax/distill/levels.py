@@ -5,6 +5,8 @@ reads the named taps both models return ('logits', 'pooled', 'hidden', 'attn') a
 pairs student and teacher tensors of matching leading shape, with the mask of their
 real rows. The teacher's taps for the student's modality are its stream on that
 modality's token positions, so hidden states and attention rows line up by position.
+A pair's teacher side must depend on the teacher's taps and the example's own mask alone:
+distilled runs compute it once per training example (`train.teacher_targets`).
 """
 import dataclasses
 from typing import Any, Callable

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+from tests.conftest import write_tiny_config
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--batch', '4', '--len_a', '3', '--len_b', '5', '--dim_a', '6', '--dim_b', '7', '--d', '8', '--heads', '2',
         '--layers', '1', '--classes', '3', '--rounds', '1', '--steps', '2', '--warmup', '1', '--torch', '0']
@@ -44,3 +46,15 @@ def test_quartiles_of_per_round_ratios():
   assert bench.quartiles([5.0, 1.0, 3.0, 2.0, 4.0]) == [2.0, 4.0]
   assert bench.quartiles([1.0, 2.0]) == [1.25, 1.75]
   assert bench.quartiles([1.3]) == [1.3, 1.3]
+
+
+def test_distill_step_bench_times_the_three_arms(tmp_path):
+  config = write_tiny_config(tmp_path, 'distill')
+  result = subprocess.run([sys.executable, 'benchmarks/distill_step.py', f'--config={config}', '--steps', '2',
+                           '--rounds', '2', '--warmup', '1'], cwd=REPO, capture_output=True, text=True, check=True,
+                          timeout=300)
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert set(out['steps_per_s']) == {'baseline', 'online', 'cached'}
+  assert all(v > 0 for v in out['steps_per_s'].values())
+  assert out['cached_over_online'] > 0 and out['info']['rounds'] == 2
+  assert 'cached / online' in result.stdout

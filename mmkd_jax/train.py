@@ -161,6 +161,7 @@ def teacher_targets(model: nn.Module, dist: Distillation, student_params: Any, t
     return {teacher_target_key(level, name): pair.teacher for level, named in pairs.items()
             for name, pair in named.items()}
 
+  start = time.perf_counter()
   modalities = list(dict.fromkeys([model.modality, *dist.teacher.modalities]))
   probe = jax.tree.map(jnp.asarray, dummy_batch(info, modalities, 1))
   per_example = jax.eval_shape(targets, student_params, teacher_params, probe)
@@ -169,7 +170,6 @@ def teacher_targets(model: nn.Module, dist: Distillation, student_params: Any, t
     logging.warning('the teacher targets of %d training examples need %.2f GiB, more than config.distill.'
                     'cache_teacher_max_gb=%s: the teacher runs in every step instead', num_examples, size_gb, max_gb)
     return None
-  start = time.perf_counter()
   fn = jax.jit(targets, out_shardings=out_sharding)
   parts = [jax.device_get(fn(student_params, teacher_params, batch)) for batch in batches]
   fields = {key: np.concatenate([part[key] for part in parts])[:num_examples] for key in per_example}

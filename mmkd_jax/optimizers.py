@@ -1,4 +1,5 @@
 """Optimizers and learning-rate schedules, looked up by the names in `config.train`."""
+import functools
 from typing import Callable
 
 import ml_collections
@@ -20,7 +21,18 @@ SCHEDULES.register('linear')(lambda lr, warmup, total: optax.join_schedules(
 
 
 def create_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Optimizer `train.optimizer` on schedule `train.schedule`, after global-norm clipping if set."""
-  schedule = SCHEDULES.get(train.schedule)(train.learning_rate, train.warmup_steps, train.num_steps)
-  tx = OPTIMIZERS.get(train.optimizer)(schedule, train.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(train.grad_clip), tx) if train.grad_clip > 0 else tx
+  """Optimizer `train.optimizer` on schedule `train.schedule`, after global-norm clipping if set.
+
+  The same settings give the same object, so that train states of two runs (other seeds) have
+  equal tree structures and their jitted steps share one trace.
+  """
+  return _optimizer(train.optimizer, train.schedule, train.learning_rate, train.warmup_steps, train.num_steps,
+                    train.weight_decay, train.grad_clip)
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(name: str, schedule_name: str, learning_rate: float, warmup_steps: int, num_steps: int,
+               weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+  schedule = SCHEDULES.get(schedule_name)(learning_rate, warmup_steps, num_steps)
+  tx = OPTIMIZERS.get(name)(schedule, weight_decay)
+  return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx

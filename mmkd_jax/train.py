@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 from absl import logging
 from clu import metrics as clu_metrics
 import flax.linen as nn
+from flax.core import FrozenDict
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -86,15 +87,16 @@ def task_loss(task: str, outputs: Array, labels: Array, weight: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class Distillation:
-  """Everything the train step needs to distill from a frozen teacher."""
+  """Everything the train step needs to distill from a frozen teacher (hashable: a static
+  argument of the jitted step)."""
   teacher: nn.Module
   terms: tuple[distill.Term, ...]
-  hparams: dict
+  hparams: FrozenDict  # method -> keyword arguments
   layer_map: tuple[tuple[int, int], ...]
   task_weight: float
-  # Per-example shapes of the teacher's taps when the batches carry the pairs' teacher sides
-  # (`teacher_targets`, config.distill.cache_teacher); None: the step runs the teacher.
-  cached_taps: Any = None
+  # (tree structure, per-example shapes) of the teacher's taps when the batches carry the pairs'
+  # teacher sides (`teacher_targets`, config.distill.cache_teacher); None: the step runs the teacher.
+  cached_taps: tuple[Any, tuple[jax.ShapeDtypeStruct, ...]] | None = None
 
 
 def data_parallel_apply(model: nn.Module, mesh: Mesh) -> Callable:
@@ -134,7 +136,8 @@ def distillation_pairs(model: nn.Module, dist: Distillation, taps: dict, teacher
     return pairs_of(model, dist, taps, dist.teacher.apply({'params': teacher_params}, batch, train=False)[1], batch)
   # Zero stand-ins give the levels their shapes; their teacher sides are replaced, so XLA drops them.
   size = batch['weight'].shape[0]
-  stand_in = jax.tree.map(lambda s: jnp.zeros((size,) + s.shape, s.dtype), dist.cached_taps)
+  structure, shapes = dist.cached_taps
+  stand_in = jax.tree.unflatten(structure, [jnp.zeros((size,) + s.shape, s.dtype) for s in shapes])
   return {level: {name: pair.replace(teacher=batch[teacher_target_key(level, name)]) for name, pair in named.items()}
           for level, named in pairs_of(model, dist, taps, stand_in, batch).items()}
 
@@ -156,11 +159,7 @@ def teacher_targets(model: nn.Module, dist: Distillation, student_params: Any, t
   the built-in levels do: a pair's teacher side is a function of the teacher's taps and mask
   of the example alone (not of the student, nor of other examples).
   """
-  def targets(params, t_params, batch):
-    pairs = distillation_pairs(model, dist, model.apply({'params': params}, batch)[1], t_params, batch)
-    return {teacher_target_key(level, name): pair.teacher for level, named in pairs.items()
-            for name, pair in named.items()}
-
+  targets = functools.partial(teacher_sides, model=model, dist=dist, out_sharding=out_sharding)
   start = time.perf_counter()
   modalities = list(dict.fromkeys([model.modality, *dist.teacher.modalities]))
   probe = jax.tree.map(jnp.asarray, dummy_batch(info, modalities, 1))
@@ -170,13 +169,23 @@ def teacher_targets(model: nn.Module, dist: Distillation, student_params: Any, t
     logging.warning('the teacher targets of %d training examples need %.2f GiB, more than config.distill.'
                     'cache_teacher_max_gb=%s: the teacher runs in every step instead', num_examples, size_gb, max_gb)
     return None
-  fn = jax.jit(targets, out_shardings=out_sharding)
-  parts = [jax.device_get(fn(student_params, teacher_params, batch)) for batch in batches]
+  parts = [jax.device_get(targets(student_params, teacher_params, batch)) for batch in batches]
   fields = {key: np.concatenate([part[key] for part in parts])[:num_examples] for key in per_example}
   logging.info('teacher targets of %d training examples computed once: %.1f MiB in %.1f s', num_examples,
                size_gb * 1024, time.perf_counter() - start)
-  taps = jax.eval_shape(lambda t, b: dist.teacher.apply({'params': t}, b, train=False)[1], teacher_params, probe)
-  return fields, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), taps)
+  taps, structure = jax.tree.flatten(
+      jax.eval_shape(lambda t, b: dist.teacher.apply({'params': t}, b, train=False)[1], teacher_params, probe))
+  return fields, (structure, tuple(jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for s in taps))
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'dist', 'out_sharding'))
+def teacher_sides(student_params: Any, teacher_params: Any, batch: dict, *, model: nn.Module, dist: Distillation,
+                  out_sharding: NamedSharding) -> dict[str, Array]:
+  """`teacher_target_key` -> the teacher side of each distillation pair on `batch`."""
+  pairs = distillation_pairs(model, dist, model.apply({'params': student_params}, batch)[1], teacher_params, batch)
+  return jax.lax.with_sharding_constraint(
+      {teacher_target_key(level, name): pair.teacher for level, named in pairs.items() for name, pair in named.items()},
+      out_sharding)
 
 
 def distill_metric_name(term: distill.Term) -> str:
@@ -215,7 +224,7 @@ def make_train_step(model: nn.Module, task: str, dist: Distillation | None, mesh
     total = dist.task_weight * base + sum(t.weight * losses[t.name] for t in dist.terms)
     return total, (outputs, {'task_loss': base, **{distill_metric_name(t): losses[t.name] for t in dist.terms}})
 
-  def train_step(state, batch, rng, teacher_params=None):
+  def step(state, batch, rng, teacher_params=None):
     rng = jax.random.fold_in(rng, state.step)
     (loss, (outputs, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, rng, teacher_params)
@@ -230,7 +239,28 @@ def make_train_step(model: nn.Module, task: str, dist: Distillation | None, mesh
       values['accuracy'] = jnp.sum((outputs.argmax(-1) == batch['label']) * batch['weight']) / jnp.sum(batch['weight'])
     return state, metrics_cls.single_from_model_output(**values)
 
-  return train_step
+  return step
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'task', 'dist', 'mesh'), donate_argnums=0)
+def train_step(state: train_state.TrainState, batch: dict, rng: Array, teacher_params: Any, *, model: nn.Module,
+               task: str, dist: Distillation | None, mesh: Mesh) -> tuple[train_state.TrainState, Any]:
+  """`make_train_step`'s step, jitted with its setup as static arguments: the runs of other seeds
+  (equal models, optimizer and state structure) reuse its trace and compiled program."""
+  return make_train_step(model, task, dist, mesh)(state, batch, rng, teacher_params)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'out_sharding'))
+def predict_outputs(params: Any, batch: dict, *, model: nn.Module, out_sharding: NamedSharding) -> Array:
+  """The model's outputs on `batch`, replicated (every process reads them whole)."""
+  return jax.lax.with_sharding_constraint(model.apply({'params': params['model']}, batch)[0], out_sharding)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(module: nn.Module, rng: Array, batch: Any) -> Any:
+  """`module.init(rng, batch)['params']` as one compiled program (not one per op and shape), traced
+  once per module configuration."""
+  return module.init(rng, batch)['params']
 
 
 def projection_widths_of(projector_params: dict) -> dict[str, int]:
@@ -335,11 +365,11 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info
   """
   model_rng, projector_rng = rngs
   sample = dummy_batch(info, modalities)
-  params = {'model': jax.jit(model.init)(model_rng, sample)['params'], 'projector': {}}
+  params = {'model': init_params(model, model_rng, sample), 'projector': {}}
   dist = None
   if teacher is not None:
     teacher_depth = teacher[0].num_cross_layers + teacher[0].num_self_layers
-    dist = Distillation(teacher[0], terms, validation.method_hparams(config),
+    dist = Distillation(teacher[0], terms, FrozenDict(validation.method_hparams(config)),
                         distill.resolve_layer_map(config.distill.layer_map, model.num_layers, teacher_depth),
                         config.distill.task_weight)
     pairs = jax.eval_shape(lambda p, t, b: distillation_pairs(model, dist, model.apply({'params': p}, b)[1], t, b),
@@ -347,8 +377,10 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info
     widths = distill.projection_widths(pairs)
     if widths and config.distill.projection:
       concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pairs)
-      params['projector'] = jax.jit(distill.Projector(widths).init)(projector_rng, concrete)['params']
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optimizers.create_optimizer(config.train))
+      params['projector'] = init_params(distill.Projector(FrozenDict(widths)), projector_rng, concrete)
+  # apply_fn stays unset: the step calls the model itself, and a bound method would make the states
+  # of two runs (two equal models) differ in tree structure.
+  state = train_state.TrainState.create(apply_fn=None, params=params, tx=optimizers.create_optimizer(config.train))
   return state, dist
 
 
@@ -398,8 +430,8 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
     train_iter.set_state(data_state)
     logging.info('%s: resumed at step %d', run_dir, int(state.step))
 
-  step_fn = jax.jit(make_train_step(model, info.task, dist, mesh), donate_argnums=0)
-  predict_fn = jax.jit(lambda p, b: model.apply({'params': p['model']}, b)[0], out_shardings=replicated)
+  step_fn = functools.partial(train_step, model=model, task=info.task, dist=dist, mesh=mesh)
+  predict_fn = functools.partial(predict_outputs, model=model, out_sharding=replicated)
   eval_split = lambda split: evaluate.compute_metrics(info.task, *evaluate.predict(
       predict_fn, state.params, pipeline.eval_batches(builder, split, modalities, config.train.eval_batch_size),
       functools.partial(shard_global_batch, sharding=data_sharding)))

@@ -203,3 +203,17 @@ def test_cached_teacher_gives_the_online_loss_curve_and_falls_back_above_its_mem
   np.testing.assert_allclose(curves['cached'], curves['online'], rtol=1e-5, atol=1e-6)
   assert curves['over_limit'] == curves['online']
   assert 'more than config.distill.cache_teacher_max_gb=0.0: the teacher runs in every step' in caplog.text
+
+
+def test_runs_of_other_seeds_reuse_the_traced_train_step(tiny_config, tmp_path):
+  """Equal models, optimizer and state structure: the second seed's run traces nothing new."""
+  builder = data.load_builder(tiny_config.data)
+  info = data.task_info(builder)
+  tiny_config.train.num_steps = 2
+  before = train.train_step._cache_size()
+  first = train.train_run(tiny_config, 'student', str(tmp_path / 'seed_0'), 0, builder, info)
+  after_first = train.train_step._cache_size()
+  second = train.train_run(tiny_config, 'student', str(tmp_path / 'seed_1'), 1, builder, info)
+  assert after_first - before <= 1 and train.train_step._cache_size() == after_first
+  # Two real runs: other seeds, other parameters.
+  assert not np.array_equal(jax.tree.leaves(first.params)[0], jax.tree.leaves(second.params)[0])

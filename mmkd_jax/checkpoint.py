@@ -11,6 +11,8 @@ import shutil
 from typing import Any
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -96,9 +98,13 @@ def claim_run_dir(run_dir: str, fingerprint: dict, overwrite: bool) -> None:
     if difference and not overwrite:
       raise ValueError(f'{run_dir} holds a run of another config ({difference}); use another --workdir or '
                        'set --config.overwrite=True to replace it')
-    if difference:
+    if difference and jax.process_index() == 0:
       shutil.rmtree(run_dir)
-  write_json(os.path.join(run_dir, 'run.json'), fingerprint, sort_keys=True)
+  # On multi-host runs process 0 changes the (shared) directory while the others wait.
+  if jax.process_index() == 0:
+    write_json(os.path.join(run_dir, 'run.json'), fingerprint, sort_keys=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'mmkd_jax: claimed {run_dir}')
 
 
 def read_fingerprint(run_dir: str) -> dict | None:
@@ -116,6 +122,7 @@ def read_json(path: str) -> dict | None:
 def write_json(path: str, value: dict, sort_keys: bool = False) -> None:
   """Writes `value` to `path` atomically (a crash leaves the old file or none, never half of one)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(f'{path}.tmp', 'w') as f:
+  temporary = f'{path}.tmp{os.getpid()}'  # one per process: the processes of a multi-host job may all write
+  with open(temporary, 'w') as f:
     json.dump(value, f, indent=2, sort_keys=sort_keys)
-  os.replace(f'{path}.tmp', path)
+  os.replace(temporary, path)

@@ -120,9 +120,14 @@ def read_json(path: str) -> dict | None:
 
 
 def write_json(path: str, value: dict, sort_keys: bool = False) -> None:
-  """Writes `value` to `path` atomically (a crash leaves the old file or none, never half of one)."""
+  """Writes `value` to `path` atomically (see `write_text`)."""
+  write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys))
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically (a crash leaves the old file or none, never half of one)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   temporary = f'{path}.tmp{os.getpid()}'  # one per process: the processes of a multi-host job may all write
-  with open(temporary, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=sort_keys)
+  with open(temporary, 'w', newline='') as f:
+    f.write(text)
   os.replace(temporary, path)

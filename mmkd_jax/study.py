@@ -18,6 +18,7 @@ when matplotlib is installed) are rewritten from those files at the end of every
 import csv
 import dataclasses
 import functools
+import io
 import json
 import os
 import time
@@ -464,14 +465,12 @@ def markdown(results: dict) -> str:
 def write_tables(results: dict, workdir: str) -> None:
   """Writes study.json, study.csv (one row per model, empty where not applicable) and study.md."""
   checkpoint.write_json(os.path.join(workdir, 'study.json'), results)
-  with open(os.path.join(workdir, 'study.csv.tmp'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(results['rows'][0]))
-    writer.writeheader()
-    writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in results['rows'])
-  os.replace(os.path.join(workdir, 'study.csv.tmp'), os.path.join(workdir, 'study.csv'))
-  with open(os.path.join(workdir, 'study.md.tmp'), 'w') as f:
-    f.write(markdown(results))
-  os.replace(os.path.join(workdir, 'study.md.tmp'), os.path.join(workdir, 'study.md'))
+  table = io.StringIO()
+  writer = csv.DictWriter(table, fieldnames=list(results['rows'][0]))
+  writer.writeheader()
+  writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in results['rows'])
+  checkpoint.write_text(os.path.join(workdir, 'study.csv'), table.getvalue())
+  checkpoint.write_text(os.path.join(workdir, 'study.md'), markdown(results))
 
 
 def write_plots(results: dict, config: ml_collections.ConfigDict, workdir: str) -> None:

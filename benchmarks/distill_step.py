@@ -4,7 +4,7 @@
 Usage: python benchmarks/distill_step.py --config=configs/distill.py [--config.a.b=value ...]
        [--steps 100] [--rounds 5] [--warmup 10]
 
-Times three arms of the project's own jitted train step (`train.make_train_step`) on the
+Times three arms of the project's own jitted train step (`train.train_step`) on the
 config's data and models: the baseline student (task loss only), the distilled student with
 the teacher run in every step (`config.distill.cache_teacher=False`) and the distilled student
 reading the teacher's targets from the batch (`train.teacher_targets`, the default). The
@@ -14,6 +14,7 @@ blocks until its metrics are ready); prints steps/s (median over rounds), the pe
 cached/online and cached/baseline (median over rounds) and one JSON line.
 """
 import dataclasses
+import functools
 import json
 import pathlib
 import statistics
@@ -51,7 +52,7 @@ def build_arms(config) -> dict:
   student = train.create_model(config, info, 'student')
   modalities = list(dict.fromkeys([student.modality, *teacher.modalities]))
   teacher_params = jax.device_put(
-      jax.jit(teacher.init)(jax.random.key(1), train.dummy_batch(info, modalities))['params'], replicated)
+      train.init_params(teacher, jax.random.key(1), train.dummy_batch(info, modalities)), replicated)
   terms = distill.parse_terms(config.distill.terms)
   arms = {}
   for arm in ARMS:
@@ -70,7 +71,7 @@ def build_arms(config) -> dict:
     iterator = pipeline.train_iterator(builder, arm_modalities, config.train.batch_size, seed=0,
                                        row_fields=row_fields)
     batches = [train.shard_local_batch(next(iterator), sharding) for _ in range(8)]
-    step = jax.jit(train.make_train_step(student, info.task, dist, mesh), donate_argnums=0)
+    step = functools.partial(train.train_step, model=student, task=info.task, dist=dist, mesh=mesh)
     arms[arm] = [step, jax.device_put(state, replicated), teacher_params if dist else None, batches]
   return arms
 

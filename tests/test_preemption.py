@@ -12,7 +12,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from mmkd_jax import checkpoint
@@ -37,7 +36,7 @@ def _steps(workdir: str) -> list[int]:
 def _final_params(workdir: str) -> list[np.ndarray]:
   manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'))
   assert manager.latest_step() == NUM_STEPS
-  state = manager.restore(NUM_STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  state = checkpoint.read_state(manager, NUM_STEPS)
   return [np.asarray(x) for x in jax.tree.leaves((state['params'], state['opt_state']))]
 
 
@@ -107,5 +106,5 @@ def test_nan_in_a_batch_stops_with_step_and_term_and_keeps_the_checkpoint(tmp_pa
   assert 'last good checkpoint: step 40' in result.stderr
   manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'))
   assert manager.latest_step() == 40
-  state = manager.restore(40, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  state = checkpoint.read_state(manager, 40)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))

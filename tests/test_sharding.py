@@ -55,6 +55,25 @@ print(jax.device_count(), reduces == [f'f32[{size}]{{0}}'], errors[0] < 1e-4, er
 '''
 
 
+CHECK_CHECKPOINT_WRITES = '''
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from mmkd_jax import checkpoint
+import sys
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _, **kw: compiles.append(event) if event == '/jax/core/compile/backend_compile_duration' else None)
+replicated = NamedSharding(Mesh(np.array(jax.devices()), ('data',)), PartitionSpec())
+state = {f'w{i}': jax.device_put(np.arange(8 * (i + 1), dtype=np.float32).reshape(8, i + 1), replicated)
+         for i in range(6)}
+manager = checkpoint.create_manager(sys.argv[1])
+checkpoint.save(manager, 1, state, {'epoch': 0}, {checkpoint.SCORE: 0.0})
+manager.wait_until_finished()
+restored, data_state = checkpoint.restore(manager, 1, state)
+equal = all(np.array_equal(np.asarray(restored[k]), np.asarray(v)) for k, v in state.items())
+print(jax.device_count(), len(compiles), equal, data_state == {'epoch': 0})
+'''
+
 def _env(devices: int) -> dict[str, str]:
   env = dict(os.environ)
   env['XLA_FLAGS'] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
@@ -101,6 +120,15 @@ def test_gradient_is_summed_by_one_all_reduce():
                           text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split()[:4] == ['4', 'True', 'True', 'True'], result.stdout
+
+
+def test_one_process_writes_replicated_arrays_without_slicing_them(tmp_path):
+  """On 8 devices a checkpoint of replicated arrays is written whole from one replica (Orbax's
+  default slices each array once per device, an eagerly compiled op each) and restores exactly."""
+  result = subprocess.run([sys.executable, '-c', CHECK_CHECKPOINT_WRITES, str(tmp_path / 'checkpoints')], cwd=REPO,
+                          env=_env(8), capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ['8', '0', 'True', 'True'], result.stdout
 
 
 @pytest.fixture(scope='module')

@@ -6,7 +6,6 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from mmkd_jax import checkpoint, data, distill, train
@@ -18,7 +17,7 @@ def _saved_state(run_dir: str, step: int | None = None) -> dict:
   """The raw saved train state (a tree of arrays) of a run directory, latest step by default."""
   manager = checkpoint.create_manager(os.path.join(run_dir, 'checkpoints'))
   step = manager.latest_step() if step is None else step
-  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  return checkpoint.read_state(manager, step)
 
 
 @pytest.mark.slow

@@ -162,15 +162,17 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_process_run_agrees_with_one_process(tmp_path, distill_runs):
-  """The distill job over two processes: each process computes the teacher's targets and reads its
-  own rows of every batch; teacher and distilled curves match the one-process job's."""
+  """The distill job over two processes, from the one-process job's teacher (`teacher_dir`; the
+  train path is the teacher's too): each process computes the teacher's targets and reads its own
+  rows of every batch; baseline and distilled curves match the one-process job's."""
   config = write_tiny_config(tmp_path, 'distill', num_steps=8, eval_every=4, log_every=1)
   workdir = tmp_path / 'multihost'
   port = _free_port()
   _run_all([([sys.executable, '-m', 'mmkd_jax.main', f'--config={config}', f'--workdir={workdir}',
+              f"--config.distill.teacher_dir={distill_runs / '1' / 'teacher'}",
               f'--config.distributed.coordinator_address=127.0.0.1:{port}',
               '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'], 1)
             for i in range(2)], timeout=300)
-  for run in ('teacher', 'distilled/seed_0'):
+  for run in ('student/seed_0', 'distilled/seed_0'):
     np.testing.assert_allclose(_losses(str(workdir / run)), _losses(str(distill_runs / '1' / run)),
                                rtol=2e-4, atol=1e-5, err_msg=run)

@@ -13,7 +13,6 @@ steps of every arm in turn (the batches are placed on the devices beforehand, an
 blocks until its metrics are ready); prints steps/s (median over rounds), the per-round ratios
 cached/online and cached/baseline (median over rounds) and one JSON line.
 """
-import dataclasses
 import functools
 import json
 import pathlib
@@ -62,11 +61,8 @@ def build_arms(config) -> dict:
                                            (teacher, teacher_params) if distilled else None, terms)
     row_fields = None
     if arm == 'cached':
-      passes = (train.shard_global_batch(b, sharding)
-                for b in pipeline.eval_batches(builder, 'train', modalities, config.train.eval_batch_size))
-      row_fields, taps = train.teacher_targets(student, dist, state.params['model'], teacher_params, info, passes,
-                                               pipeline.num_examples(builder, 'train'), float('inf'), replicated)
-      dist = dataclasses.replace(dist, cached_taps=taps)
+      dist, row_fields = train.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info,
+                                               config.train.eval_batch_size, mesh, float('inf'))
     arm_modalities = modalities if arm == 'online' else [student.modality]
     iterator = pipeline.train_iterator(builder, arm_modalities, config.train.batch_size, seed=0,
                                        row_fields=row_fields)

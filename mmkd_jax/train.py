@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -147,21 +147,23 @@ def teacher_target_key(level: str, name: str) -> str:
 
 
 def teacher_targets(model: nn.Module, dist: Distillation, student_params: Any, teacher_params: Any,
-                    info: data.TaskInfo, batches: Iterable[dict], num_examples: int, max_gb: float,
-                    out_sharding: NamedSharding) -> tuple[dict[str, np.ndarray], Any] | None:
+                    builder: Any, info: data.TaskInfo, batch_size: int, mesh: Mesh,
+                    max_gb: float) -> tuple[Distillation, dict[str, np.ndarray]] | None:
   """Every distillation pair's teacher side for each training example, computed once.
 
   The teacher is frozen and runs in eval mode, and the training data has no augmentation, so
   these are the tensors the step would otherwise recompute each time it draws the example.
-  `batches` is one ordered pass over the train split (padded at the end). Returns
-  (`teacher_target_key` -> array over the split in source order, the per-example shapes of
-  the teacher's taps), or None when the arrays would exceed `max_gb` GiB. This assumes what
-  the built-in levels do: a pair's teacher side is a function of the teacher's taps and mask
-  of the example alone (not of the student, nor of other examples).
+  One ordered pass over the train split (`batch_size` examples per batch, sharded over
+  `mesh`). Returns (`dist` with `cached_taps` set, `teacher_target_key` -> array over the split
+  in source order: row fields for `pipeline.train_iterator`), or None when the arrays would
+  exceed `max_gb` GiB. This assumes what the built-in levels do: a pair's teacher side is a
+  function of the teacher's taps and mask of the example alone (not of the student, nor of
+  other examples).
   """
-  targets = functools.partial(teacher_sides, model=model, dist=dist, out_sharding=out_sharding)
+  targets = functools.partial(teacher_sides, model=model, dist=dist, out_sharding=NamedSharding(mesh, PartitionSpec()))
   start = time.perf_counter()
   modalities = list(dict.fromkeys([model.modality, *dist.teacher.modalities]))
+  num_examples = pipeline.num_examples(builder, 'train')
   probe = jax.tree.map(jnp.asarray, dummy_batch(info, modalities, 1))
   per_example = jax.eval_shape(targets, student_params, teacher_params, probe)
   size_gb = num_examples * sum(x.size * x.dtype.itemsize for x in per_example.values()) / 2**30
@@ -169,13 +171,16 @@ def teacher_targets(model: nn.Module, dist: Distillation, student_params: Any, t
     logging.warning('the teacher targets of %d training examples need %.2f GiB, more than config.distill.'
                     'cache_teacher_max_gb=%s: the teacher runs in every step instead', num_examples, size_gb, max_gb)
     return None
-  parts = [jax.device_get(targets(student_params, teacher_params, batch)) for batch in batches]
+  sharding = NamedSharding(mesh, PartitionSpec('data'))
+  parts = [jax.device_get(targets(student_params, teacher_params, shard_global_batch(batch, sharding)))
+           for batch in pipeline.eval_batches(builder, 'train', modalities, batch_size)]
   fields = {key: np.concatenate([part[key] for part in parts])[:num_examples] for key in per_example}
   logging.info('teacher targets of %d training examples computed once: %.1f MiB in %.1f s', num_examples,
                size_gb * 1024, time.perf_counter() - start)
   taps, structure = jax.tree.flatten(
       jax.eval_shape(lambda t, b: dist.teacher.apply({'params': t}, b, train=False)[1], teacher_params, probe))
-  return fields, (structure, tuple(jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for s in taps))
+  cached_taps = (structure, tuple(jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for s in taps))
+  return dataclasses.replace(dist, cached_taps=cached_taps), fields
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'dist', 'out_sharding'))
@@ -412,15 +417,11 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
 
   row_fields = None
   if dist is not None and config.distill.cache_teacher:
-    cached = teacher_targets(
-        model, dist, state.params['model'], teacher_params, info,
-        (shard_global_batch(b, data_sharding)
-         for b in pipeline.eval_batches(builder, 'train', modalities, config.train.eval_batch_size)),
-        pipeline.num_examples(builder, 'train'), config.distill.cache_teacher_max_gb, replicated)
+    cached = teacher_targets(model, dist, state.params['model'], teacher_params, builder, info,
+                             config.train.eval_batch_size, mesh, config.distill.cache_teacher_max_gb)
     if cached is not None:
       # The train batches then carry the teacher's targets instead of its input modalities.
-      row_fields, taps = cached
-      dist, modalities = dataclasses.replace(dist, cached_taps=taps), [model.modality]
+      (dist, row_fields), modalities = cached, [model.modality]
   train_iter = pipeline.train_iterator(builder, modalities, config.train.batch_size // jax.process_count(), seed,
                                        shard_index=jax.process_index(), shard_count=jax.process_count(),
                                        row_fields=row_fields)

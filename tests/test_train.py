@@ -1,5 +1,4 @@
 """End-to-end: the real jobs on a tiny synthetic problem, checkpoints, resume, bad input."""
-import dataclasses
 import json
 import logging
 import os
@@ -160,13 +159,9 @@ def _distillation_setup(config):
 def test_cached_teacher_targets_are_the_teacher_sides_of_each_drawn_example(tiny_config):
   """Read back by row from the cache, every pair of a shuffled batch is the pair the teacher gives online."""
   builder, info, student, teacher, teacher_params, state, dist = _distillation_setup(tiny_config)
-  mesh = train.create_mesh(tiny_config)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   n = pipeline.num_examples(builder, 'train')
-  passes = (train.shard_global_batch(b, sharding) for b in pipeline.eval_batches(builder, 'train', ['m0', 'm1'], 24))
-  fields, taps = train.teacher_targets(student, dist, state.params['model'], teacher_params, info, passes, n, 1.0,
-                                       replicated)
+  cached_dist, fields = train.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info, 24,
+                                              train.create_mesh(tiny_config), 1.0)
   assert set(fields) == {'teacher/logits/logits', 'teacher/pooled/pooled', 'teacher/hidden/hidden_0_1',
                          'teacher/attention/attention_0_1'}
   assert all(len(v) == n for v in fields.values())
@@ -175,7 +170,7 @@ def test_cached_teacher_targets_are_the_teacher_sides_of_each_drawn_example(tiny
   taps_of_student = student.apply({'params': state.params['model']}, batch)[1]
   online = train.distillation_pairs(student, dist, taps_of_student, teacher_params, batch)
   student_only = {k: v for k, v in batch.items() if not k.startswith('m1')}
-  cached = train.distillation_pairs(student, dataclasses.replace(dist, cached_taps=taps), taps_of_student, None,
+  cached = train.distillation_pairs(student, cached_dist, taps_of_student, None,
                                     {**student_only, **{k: v[rows] for k, v in fields.items()}})
   for level, named in online.items():
     for name, pair in named.items():

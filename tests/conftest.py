@@ -41,7 +41,7 @@ def shrink(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.C
     config[role].width = 16
     config[role].num_heads = 2
   config.student.width = 8
-  config.teacher.num_cross_layers = 2
+  config.teacher.num_cross_layers = 1
   config.student.num_layers = 1
   config.train.batch_size = 16
   config.train.eval_batch_size = 16

@@ -45,7 +45,6 @@ def test_distill_job_on_each_mult_dataset(tmp_path, dataset, aligned, expected):
   config.data.aligned = aligned
   config.teacher.modalities = 'text,audio,vision'
   config.student.modality = 'audio'
-  config.teacher.num_cross_layers = 1  # and mult's one self-attention layer per stream
   config.distill.terms = 'hidden:mse:1.0,logits:l1:1.0,attention:mse:0.1'
   results = train.train_and_evaluate(config, str(tmp_path / 'work'))
   for arm in ('teacher', 'student', 'distilled'):

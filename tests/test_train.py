@@ -162,8 +162,8 @@ def test_cached_teacher_targets_are_the_teacher_sides_of_each_drawn_example(tiny
   n = pipeline.num_examples(builder, 'train')
   cached_dist, fields = train.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info, 24,
                                               train.create_mesh(tiny_config), 1.0)
-  assert set(fields) == {'teacher/logits/logits', 'teacher/pooled/pooled', 'teacher/hidden/hidden_0_1',
-                         'teacher/attention/attention_0_1'}
+  assert set(fields) == {'teacher/logits/logits', 'teacher/pooled/pooled', 'teacher/hidden/hidden_0_0',
+                         'teacher/attention/attention_0_0'}
   assert all(len(v) == n for v in fields.values())
   batch = next(pipeline.train_iterator(builder, ['m0', 'm1'], 16, seed=4, row_fields={'row': np.arange(n)}))
   rows = batch.pop('row')

@@ -31,7 +31,7 @@ CASES = [
     ('distill.hparams.kl.temperature', 0.0, 'config.distill.hparams.kl.temperature=0.0 must be > 0'),
     ('distill.hparams.kl.temperature', -2.0, 'config.distill.hparams.kl.temperature=-2.0 must be > 0'),
     ('distill.layer_map', '0:5', "config.distill.layer_map: entry '0:5' is out of range; student layers are 0..0, "
-     'teacher layers 0..1'),
+     'teacher layers 0..0'),
     ('distill.layer_map', '3:0', "config.distill.layer_map: entry '3:0' is out of range"),
     ('distill.layer_map', 'a-b', "config.distill.layer_map: bad entry 'a-b'"),
     ('student.width', 0, 'config.student.width=0 must be > 0'),

@@ -415,8 +415,11 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   state = jax.device_put(state, replicated)
   teacher_params = jax.device_put(teacher[1], replicated) if teacher else None
 
+  manager = checkpoint.create_manager(os.path.join(run_dir, 'checkpoints'))
+  # A finished run is only restored and evaluated: it needs no teacher targets.
+  finished = restore_only or (manager.latest_step() or 0) >= config.train.num_steps
   row_fields = None
-  if dist is not None and config.distill.cache_teacher:
+  if dist is not None and config.distill.cache_teacher and not finished:
     cached = teacher_targets(model, dist, state.params['model'], teacher_params, builder, info,
                              config.train.eval_batch_size, mesh, config.distill.cache_teacher_max_gb)
     if cached is not None:
@@ -425,7 +428,6 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   train_iter = pipeline.train_iterator(builder, modalities, config.train.batch_size // jax.process_count(), seed,
                                        shard_index=jax.process_index(), shard_count=jax.process_count(),
                                        row_fields=row_fields)
-  manager = checkpoint.create_manager(os.path.join(run_dir, 'checkpoints'))
   if manager.latest_step() is not None:
     state, data_state = checkpoint.restore(manager, manager.latest_step(), state)
     train_iter.set_state(data_state)

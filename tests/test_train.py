@@ -185,18 +185,27 @@ def test_cached_teacher_gives_the_online_loss_curve_and_falls_back_above_its_mem
   builder, info, _, teacher, teacher_params, _, _ = _distillation_setup(tiny_config)
   tiny_config.train.log_every = 1
   terms = distill.parse_terms(tiny_config.distill.terms)
-  curves = {}
+  curves, results = {}, {}
   for arm, cache, max_gb in (('cached', True, 2.0), ('online', False, 2.0), ('over_limit', True, 0.0)):
     tiny_config.distill.cache_teacher, tiny_config.distill.cache_teacher_max_gb = cache, max_gb
     with caplog.at_level(logging.WARNING):
-      train.train_run(tiny_config, 'student', str(tmp_path / arm), 0, builder, info, teacher=(teacher, teacher_params),
-                      terms=terms)
+      results[arm] = train.train_run(tiny_config, 'student', str(tmp_path / arm), 0, builder, info,
+                                     teacher=(teacher, teacher_params), terms=terms)
     with open(tmp_path / arm / 'metrics.jsonl') as f:
       curves[arm] = [[row[k] for k in sorted(row)] for row in map(json.loads, f)]
   assert len(curves['cached']) == tiny_config.train.num_steps
   np.testing.assert_allclose(curves['cached'], curves['online'], rtol=1e-5, atol=1e-6)
   assert curves['over_limit'] == curves['online']
   assert 'more than config.distill.cache_teacher_max_gb=0.0: the teacher runs in every step' in caplog.text
+  # A finished run is restored and evaluated without computing the teacher's targets again.
+  tiny_config.distill.cache_teacher = True
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    again = train.train_run(tiny_config, 'student', str(tmp_path / 'cached'), 0, builder, info,
+                            teacher=(teacher, teacher_params), terms=terms)
+  assert 'resumed at step %d' % tiny_config.train.num_steps in caplog.text
+  assert 'teacher targets' not in caplog.text
+  assert again.test == results['cached'].test
 
 
 def test_runs_of_other_seeds_reuse_the_traced_train_step(tiny_config, tmp_path):

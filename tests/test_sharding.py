@@ -56,10 +56,10 @@ print(jax.device_count(), reduces == [f'f32[{size}]{{0}}'], errors[0] < 1e-4, er
 
 
 CHECK_CHECKPOINT_WRITES = '''
+import sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mmkd_jax import checkpoint
-import sys
 compiles = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, _, **kw: compiles.append(event) if event == '/jax/core/compile/backend_compile_duration' else None)
@@ -73,6 +73,7 @@ restored, data_state = checkpoint.restore(manager, 1, state)
 equal = all(np.array_equal(np.asarray(restored[k]), np.asarray(v)) for k, v in state.items())
 print(jax.device_count(), len(compiles), equal, data_state == {'epoch': 0})
 '''
+
 
 def _env(devices: int) -> dict[str, str]:
   env = dict(os.environ)

@@ -273,6 +273,42 @@ def test_softmax_and_its_derivatives_match_float64():
   np.testing.assert_allclose(vjp_fn(jnp.asarray(t, jnp.float32))[0], jvp_expected, rtol=1e-5, atol=1e-6)
 
 
+def test_layer_norm_matches_flax_forward_and_float64_gradients():
+  """layers.LayerNorm has Flax LayerNorm's parameters and forward values bit for bit (eager and under
+  jit), and its closed-form gradient matches float64 central differences for x, scale and bias."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 8)) * 3 + 1
+  g = rng.normal(size=x.shape)
+  ours, flax_norm = layers.LayerNorm(), nn.LayerNorm()
+  params = ours.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
+  chex.assert_trees_all_equal(params, flax_norm.init(jax.random.key(0), jnp.asarray(x, jnp.float32)))
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+  x32 = jnp.asarray(x, jnp.float32)
+  chex.assert_trees_all_equal(ours.apply(params, x32), flax_norm.apply(params, x32))
+  chex.assert_trees_all_equal(jax.jit(ours.apply)(params, x32), jax.jit(flax_norm.apply)(params, x32))
+
+  def loss64(x, scale, bias):  # float64 reference of sum(g * LayerNorm(x))
+    mean = x.mean(-1, keepdims=True)
+    y = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + layers.LAYER_NORM_EPSILON)
+    return np.sum(g * (y * scale + bias))
+
+  point = [x, np.asarray(params['params']['scale'], np.float64), np.asarray(params['params']['bias'], np.float64)]
+  expected = []
+  for i, value in enumerate(point):
+    grad = np.zeros_like(value)
+    for j in np.ndindex(value.shape):
+      up, down = [p.copy() for p in point], [p.copy() for p in point]
+      up[i][j] += 1e-6
+      down[i][j] -= 1e-6
+      grad[j] = (loss64(*up) - loss64(*down)) / 2e-6
+    expected.append(grad)
+  _, vjp_fn = jax.vjp(lambda p, x: ours.apply(p, x), params, x32)
+  dparams, dx = vjp_fn(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(dx, expected[0], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dparams['params']['scale'], expected[1], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dparams['params']['bias'], expected[2], rtol=1e-4, atol=1e-5)
+
+
 def test_dense_rejects_non_trailing_axes():
   with pytest.raises(ValueError, match=r'axis=\(0, 1\)'):
     layers.Dense(4, axis=(0, 1)).init(jax.random.key(0), jnp.ones((2, 3, 5)))

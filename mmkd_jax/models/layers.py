@@ -5,10 +5,11 @@ attention maps can be distilled. Padding masks apply to keys in attention and to
 tokens in pooling; softmax and LayerNorm statistics run in float32 whatever the
 compute dtype.
 
-`Dense` and `softmax` are drop-in replacements for Flax's that XLA's CPU backend runs
-faster: a Dense on (B, L, F) tokens is one (B*L, F) matmul, so its weight gradient is a
-plain 2-D matmul too, and the softmax gradient is the closed form y * (g - sum(g * y))
-instead of the derivative of exp / sum (benchmarks/README.md has the measurements).
+`Dense`, `softmax` and `LayerNorm` are drop-in replacements for Flax's that XLA's CPU
+backend runs faster: a Dense on (B, L, F) tokens is one (B*L, F) matmul, so its weight
+gradient is a plain 2-D matmul too, and the softmax and LayerNorm gradients are closed
+forms instead of the derivatives of their forward ops (benchmarks/README.md has the
+measurements).
 """
 import math
 from typing import Any
@@ -32,6 +33,49 @@ def _softmax_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
   (x,), (dx,) = primals, tangents
   y = softmax(x)
   return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
+
+
+LAYER_NORM_EPSILON = 1e-6  # flax.linen.LayerNorm's default
+
+
+@jax.custom_vjp
+def _layer_norm(x: Array, scale: Array, bias: Array) -> Array:
+  """float32 LayerNorm over the last axis, computed as flax.linen.LayerNorm computes it."""
+  return _layer_norm_fwd(x, scale, bias)[0]
+
+
+def _layer_norm_fwd(x: Array, scale: Array, bias: Array) -> tuple[Array, tuple]:
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean)
+  inv_std = jax.lax.rsqrt(var + LAYER_NORM_EPSILON)
+  return (x - mean) * (inv_std * scale) + bias, (x, mean, inv_std, scale)
+
+
+def _layer_norm_bwd(residuals: tuple, g: Array) -> tuple[Array, Array, Array]:
+  x, mean, inv_std, scale = residuals
+  x_hat = (x - mean) * inv_std
+  g_hat = g * scale
+  dx = inv_std * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
+                  - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))
+  rows = tuple(range(x.ndim - 1))
+  return dx, jnp.sum(g * x_hat, axis=rows), jnp.sum(g, axis=rows)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """flax.linen.LayerNorm (last axis, float32 statistics, same parameters and forward values)
+  whose gradient is the closed form inv_std * (g' - mean(g') - x_hat * mean(g' * x_hat)),
+  g' = g * scale, rather than the derivative of its mean / variance / rsqrt ops."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = (x.shape[-1],)
+    scale = self.param('scale', nn.initializers.ones, features)
+    bias = self.param('bias', nn.initializers.zeros, features)
+    return _layer_norm(x.astype(jnp.float32), scale, bias).astype(self.dtype)
 
 
 class Dense(nn.Module):
@@ -119,7 +163,7 @@ class Block(nn.Module):
   def __call__(self, x: Array, key_mask: Array, context: Array | None = None, *,
                train: bool = False, example_index: Array | None = None) -> tuple[Array, Array]:
     width = x.shape[-1]
-    norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
+    norm = lambda name: LayerNorm(self.dtype, name=name)
     queries = norm('norm_q')(x)
     keys_values = None if context is None else norm('norm_kv')(context)
     attended, probs = MultiHeadAttention(self.num_heads, self.dtype, name='attention')(

@@ -4,7 +4,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmkd_jax.models.layers import Block, Embed, Head, masked_mean
+from mmkd_jax.models.layers import Block, Embed, Head, LayerNorm, masked_mean
 
 Array = Any
 
@@ -36,7 +36,7 @@ class Student(nn.Module):
                        name=f'self_{layer}')(x, mask, train=train, example_index=batch.get('example_index'))
       states.append(x)
       maps.append(probs)
-    pooled = masked_mean(nn.LayerNorm(dtype=self.dtype, name='norm')(x), mask)
+    pooled = masked_mean(LayerNorm(self.dtype, name='norm')(x), mask)
     logits = Head(self.width, self.num_outputs, self.dtype, name='head')(pooled)
     taps = {'logits': logits, 'pooled': pooled,
             'hidden': {self.modality: tuple(states)}, 'attn': {self.modality: tuple(maps)}}

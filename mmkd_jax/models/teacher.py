@@ -4,7 +4,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmkd_jax.models.layers import Block, Embed, Head, masked_mean
+from mmkd_jax.models.layers import Block, Embed, Head, LayerNorm, masked_mean
 
 Array = Any
 
@@ -56,7 +56,7 @@ class Teacher(nn.Module):
         states.append(x)
         maps.append(probs)
       hidden[m], attn[m] = tuple(states), tuple(maps)
-      pooled.append(masked_mean(nn.LayerNorm(dtype=self.dtype, name=f'{m}_norm')(x), masks[m]))
+      pooled.append(masked_mean(LayerNorm(self.dtype, name=f'{m}_norm')(x), masks[m]))
     pooled = jnp.concatenate(pooled, axis=-1)
     logits = Head(pooled.shape[-1], self.num_outputs, self.dtype, name='head')(pooled)
     return logits, {'logits': logits, 'pooled': pooled, 'hidden': hidden, 'attn': attn}

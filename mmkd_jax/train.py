@@ -525,6 +525,9 @@ def load_data(config: ml_collections.ConfigDict) -> Any:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.job` in `workdir` (see the module docstring) and returns its results."""
+  if 'study' in config:
+    raise ValueError('this config has a config.study grid: run it with `python -m mmkd_jax.study --config=...`; '
+                     f'mmkd_jax.main runs one job (config.job, one of {", ".join(validation.JOBS)})')
   validation.check_config(config)
   runtime.configure_host(config)
   runtime.initialize_distributed(config)

@@ -282,6 +282,9 @@ def _summary(runs: list[train.RunResult], fingerprints: dict[str, dict], start: 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the study of `config.study` in `workdir` and writes its tables and plots."""
+  if 'study' not in config:
+    raise ValueError('this config has no config.study grid (configs/study.py and configs/study_full.py define '
+                     'one); run a single job with `python -m mmkd_jax.main --config=...`')
   builder = data.load_builder(config.data)
   info = data.task_info(builder)
   grid = plan(config, info)  # checks every cell's config, config.host included

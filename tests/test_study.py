@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import distill as distill_config
 from configs import study as study_config
 from configs import study_full
 from mmkd_jax import data, export, study, train
@@ -187,6 +188,12 @@ def test_bad_grids_fail_before_training(config, tmp_path, overrides, message):
   assert message in str(error.value)
   assert '\n' not in str(error.value)
   assert not workdir.exists()
+
+
+def test_a_config_without_a_grid_is_refused(tmp_path):
+  with pytest.raises(ValueError, match=r'no config.study grid .*python -m mmkd_jax.main'):
+    study.run_study(distill_config.get_config(), str(tmp_path / 'study'))
+  assert not (tmp_path / 'study').exists()
 
 
 def test_shipped_configs_fit_their_budget(tmp_path):

@@ -1,9 +1,7 @@
 """Every config error is one line naming the key, the bad value and what is allowed, before training."""
-import importlib.util
-import pathlib
-
 import pytest
 
+from configs import study as study_config
 from mmkd_jax import checkpoint, data, train, validation
 
 
@@ -103,11 +101,8 @@ def test_unknown_method_hyperparameter(tiny_config):
 
 def test_main_refuses_a_study_config(tmp_path):
   # A study config passed to mmkd_jax.main would otherwise run one distillation job with its settings.
-  spec = importlib.util.spec_from_file_location('study_config', pathlib.Path(__file__).parents[1] / 'configs' / 'study.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   with pytest.raises(ValueError, match=r'python -m mmkd_jax.study .*one of teacher, student, distill'):
-    train.train_and_evaluate(module.get_config(), str(tmp_path / 'work'))
+    train.train_and_evaluate(study_config.get_config(), str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()
 
 

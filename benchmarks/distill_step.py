@@ -49,7 +49,7 @@ def build_arms(config) -> dict:
   sharding, replicated = NamedSharding(mesh, PartitionSpec('data')), NamedSharding(mesh, PartitionSpec())
   teacher = train.create_model(config, info, 'teacher')
   student = train.create_model(config, info, 'student')
-  modalities = list(dict.fromkeys([student.modality, *teacher.modalities]))
+  modalities = train.batch_modalities(student, teacher)
   teacher_params = jax.device_put(
       train.init_params(teacher, jax.random.key(1), train.dummy_batch(info, modalities)), replicated)
   terms = distill.parse_terms(config.distill.terms)
@@ -63,7 +63,7 @@ def build_arms(config) -> dict:
     if arm == 'cached':
       dist, row_fields = train.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info,
                                                config.train.eval_batch_size, mesh, float('inf'))
-    arm_modalities = modalities if arm == 'online' else [student.modality]
+    arm_modalities = modalities if arm == 'online' else train.batch_modalities(student)
     iterator = pipeline.train_iterator(builder, arm_modalities, config.train.batch_size, seed=0,
                                        row_fields=row_fields)
     batches = [train.shard_local_batch(next(iterator), sharding) for _ in range(8)]

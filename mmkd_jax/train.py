@@ -60,6 +60,13 @@ def create_model(config: ml_collections.ConfigDict, info: data.TaskInfo, role: s
   return MODELS.get('student')(modality=section.modality, num_layers=section.num_layers, **common)
 
 
+def batch_modalities(model: nn.Module, teacher: nn.Module | None = None) -> list[str]:
+  """The input modalities of `model`'s batches: a teacher's all, a student's own, followed by the
+  other modalities of a `teacher` that runs beside it in every step."""
+  own = list(model.modalities) if isinstance(model, MODELS.get('teacher')) else [model.modality]
+  return list(dict.fromkeys(own + (list(teacher.modalities) if teacher is not None else [])))
+
+
 def dummy_batch(info: data.TaskInfo, modalities: list[str], batch_size: int = 2) -> dict[str, np.ndarray]:
   """A zero batch with the dataset's shapes, for initialisation and shape checks."""
   batch = {'weight': np.ones((batch_size,), np.float32), 'label': np.zeros((batch_size,), np.int32)}
@@ -162,7 +169,7 @@ def teacher_targets(model: nn.Module, dist: Distillation, student_params: Any, t
   """
   targets = functools.partial(teacher_sides, model=model, dist=dist, out_sharding=NamedSharding(mesh, PartitionSpec()))
   start = time.perf_counter()
-  modalities = list(dict.fromkeys([model.modality, *dist.teacher.modalities]))
+  modalities = batch_modalities(model, dist.teacher)
   num_examples = pipeline.num_examples(builder, 'train')
   probe = jax.tree.map(jnp.asarray, dummy_batch(info, modalities, 1))
   per_example = jax.eval_shape(targets, student_params, teacher_params, probe)
@@ -407,9 +414,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   data_sharding = NamedSharding(mesh, PartitionSpec('data'))
   replicated = NamedSharding(mesh, PartitionSpec())
   model = create_model(config, info, role)
-  modalities = list(model.modalities) if role == 'teacher' else [model.modality]
-  if teacher is not None:
-    modalities = list(dict.fromkeys(modalities + list(teacher[0].modalities)))
+  modalities = batch_modalities(model, teacher[0] if teacher is not None else None)
   init_rng, projector_rng, step_rng = jax.random.split(jax.random.key(seed), 3)
   state, dist = create_train_state(config, model, info, modalities, (init_rng, projector_rng), teacher, terms)
   state = jax.device_put(state, replicated)
@@ -424,7 +429,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
                              config.train.eval_batch_size, mesh, config.distill.cache_teacher_max_gb)
     if cached is not None:
       # The train batches then carry the teacher's targets instead of its input modalities.
-      (dist, row_fields), modalities = cached, [model.modality]
+      (dist, row_fields), modalities = cached, batch_modalities(model)
   train_iter = pipeline.train_iterator(builder, modalities, config.train.batch_size // jax.process_count(), seed,
                                        shard_index=jax.process_index(), shard_count=jax.process_count(),
                                        row_fields=row_fields)
@@ -506,7 +511,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
 
 def latency(model: nn.Module, params: Any, info: data.TaskInfo, config: ml_collections.ConfigDict) -> float:
   """Median seconds of one jitted forward pass on a batch of `config.report.latency_batch_size`."""
-  modalities = list(model.modalities) if isinstance(model, MODELS.get('teacher')) else [model.modality]
+  modalities = batch_modalities(model)
   batch = jax.tree.map(jnp.asarray, dummy_batch(info, modalities, config.report.latency_batch_size))
   fn = jax.jit(lambda p, b: model.apply({'params': p}, b)[0])
   return evaluate.measure_latency(fn, params['model'], batch, config.report.latency_repeats)

@@ -302,7 +302,7 @@ def test_layer_norm_matches_flax_forward_and_float64_gradients():
       down[i][j] -= 1e-6
       grad[j] = (loss64(*up) - loss64(*down)) / 2e-6
     expected.append(grad)
-  _, vjp_fn = jax.vjp(lambda p, x: ours.apply(p, x), params, x32)
+  _, vjp_fn = jax.vjp(ours.apply, params, x32)
   dparams, dx = vjp_fn(jnp.asarray(g, jnp.float32))
   np.testing.assert_allclose(dx, expected[0], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dparams['params']['scale'], expected[1], rtol=1e-4, atol=1e-5)

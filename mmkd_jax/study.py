@@ -34,15 +34,6 @@ from mmkd_jax import checkpoint, data, distill, evaluate, export, runtime, train
 from mmkd_jax.data import pipeline
 from mmkd_jax.registry import Registry
 
-# Levels a method is meaningful on, where that is not every level, and why. A cell that pairs
-# the method with any other level is skipped with this reason. Unlisted methods fit every level.
-METHOD_LEVELS: dict[str, tuple[tuple[str, ...], str]] = {
-    'kl': (('logits', 'attention'), 'kl compares distributions (class logits, attention rows)'),
-    'dkd': (('logits',), 'dkd splits target and non-target class probabilities'),
-    'attention_transfer': (('hidden', 'attention'), 'attention_transfer needs a token axis'),
-}
-# Methods that need class probabilities: skipped on regression and multilabel tasks.
-CLASSIFICATION_METHODS = ('kl', 'dkd')
 # Platforms `jax.export` can lower the exported students for.
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 PLOTS: Registry[Callable[[dict, str], None]] = Registry('plot')
@@ -112,10 +103,9 @@ def metric_names(info: data.TaskInfo) -> tuple[str, ...]:
 
 def skip_reason(levels: tuple[str, ...], method: str, task: str) -> str | None:
   """Why `method` makes no sense at every one of `levels` on `task`, or None if it does."""
-  if method in CLASSIFICATION_METHODS and task != 'classification':
+  if method in distill.CLASSIFICATION_METHODS and task != 'classification':
     return f'{method} needs class probabilities and the task is {task}'
-  allowed, reason = METHOD_LEVELS.get(method, (distill.LEVELS.names(), ''))
-  return reason if any(level not in allowed for level in levels) else None
+  return next(filter(None, (distill.level_problem(level, method) for level in levels)), None)
 
 
 def run_config(config: ml_collections.ConfigDict, modality: str, width: int,

@@ -96,6 +96,6 @@ def check_against_data(config: ml_collections.ConfigDict, info: data.TaskInfo) -
       raise ValueError(f'config.student.modality={config.student.modality!r} is not one of the teacher\'s '
                        f'modalities {config.teacher.modalities!r}: levels below the logits need its stream')
     for term in distill.parse_terms(config.distill.terms):
-      if info.task != 'classification' and term.method in ('kl', 'dkd'):
+      if info.task != 'classification' and term.method in distill.CLASSIFICATION_METHODS:
         raise ValueError(f'config.distill.terms: {term.name!r} needs class probabilities but the task of '
                          f'{config.data.name!r} is {info.task}; use mse or l1 at the logits level')

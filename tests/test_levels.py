@@ -217,6 +217,14 @@ def test_parse_terms_malformed(spec):
     parse_terms(spec)
 
 
+@pytest.mark.parametrize('spec, levels', [('hidden:dkd:1', 'logits'), ('pooled:kl:1', 'logits, attention'),
+                                          ('logits:attention_transfer:1', 'hidden, attention')])
+def test_parse_terms_refuses_a_method_at_a_level_it_makes_no_sense_at(spec, levels):
+  """Caught before any training (dkd on hidden states used to crash after the baseline had trained)."""
+  with pytest.raises(ValueError, match=f'config.distill.terms: {spec!r}: .*levels for .*: {levels}$'):
+    parse_terms(spec)
+
+
 def test_parse_terms_duplicate():
   with pytest.raises(ValueError, match='twice'):
     parse_terms('logits:kl:1,hidden:mse:1,logits:kl:2')

@@ -18,9 +18,25 @@ from mmkd_jax.models.layers import Dense
 
 Array = Any
 
-__all__ = ['LEVELS', 'METHODS', 'LevelContext', 'Pair', 'Projector', 'Term', 'collect_pairs',
-           'distillation_losses', 'parse_terms', 'projection_widths', 'resolve_layer_map',
-           'validate_hparams']
+__all__ = ['CLASSIFICATION_METHODS', 'LEVELS', 'METHODS', 'METHOD_LEVELS', 'LevelContext', 'Pair', 'Projector',
+           'Term', 'collect_pairs', 'distillation_losses', 'level_problem', 'parse_terms', 'projection_widths',
+           'resolve_layer_map', 'validate_hparams']
+
+# Levels a method is meaningful on, where that is not every level, and why. Unlisted methods
+# (a newly added one included) fit every level.
+METHOD_LEVELS: dict[str, tuple[tuple[str, ...], str]] = {
+    'kl': (('logits', 'attention'), 'kl compares distributions (class logits, attention rows)'),
+    'dkd': (('logits',), 'dkd splits target and non-target class probabilities'),
+    'attention_transfer': (('hidden', 'attention'), 'attention_transfer needs a token axis'),
+}
+# Methods that need class probabilities: classification tasks only.
+CLASSIFICATION_METHODS = ('kl', 'dkd')
+
+
+def level_problem(level: str, method: str) -> str | None:
+  """Why `method` makes no sense at `level`, or None if it does."""
+  allowed, reason = METHOD_LEVELS.get(method, (LEVELS.names(), ''))
+  return None if level in allowed else reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +69,10 @@ def parse_terms(spec: str) -> tuple[Term, ...]:
       raise ValueError(f'config.distill.terms: weight {weight!r} of {item!r} is not a number') from None
     if not (value > 0 and math.isfinite(value)):
       raise ValueError(f'config.distill.terms: weight {weight!r} of {item!r} must be a finite number > 0')
+    problem = level_problem(level, method)
+    if problem:
+      raise ValueError(f'config.distill.terms: {item!r}: {problem}; levels for {method}: '
+                       f'{", ".join(METHOD_LEVELS[method][0])}')
     term = Term(level, method, value)
     if term.name in {t.name for t in terms}:
       raise ValueError(f'config.distill.terms: {term.name!r} is listed twice')

@@ -275,13 +275,13 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if 'study' not in config:
     raise ValueError('this config has no config.study grid (configs/study.py and configs/study_full.py define '
                      'one); run a single job with `python -m mmkd_jax.main --config=...`')
+  workdir = validation.workdir_path(workdir)
   builder = data.load_builder(config.data)
   info = data.task_info(builder)
   grid = plan(config, info)  # checks every cell's config, config.host included
   runtime.configure_host(config)
   if config.distill.teacher_dir:
     train.check_teacher_dir(config, config.distill.teacher_dir)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
   teacher_dir = config.distill.teacher_dir or os.path.join(workdir, 'teacher')
   prints = {
       'teacher': _fingerprints(config, 'teacher', (config.seed,), False),

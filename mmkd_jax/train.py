@@ -534,12 +534,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError('this config has a config.study grid: run it with `python -m mmkd_jax.study --config=...`; '
                      f'mmkd_jax.main runs one job (config.job, one of {", ".join(validation.JOBS)})')
   validation.check_config(config)
+  workdir = validation.workdir_path(workdir)
   runtime.configure_host(config)
   runtime.initialize_distributed(config)
   builder = load_data(config)
   info = data.task_info(builder)
   validation.check_against_data(config, info)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))

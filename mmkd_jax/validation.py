@@ -3,6 +3,8 @@
 Each failure is a one-line `ValueError` naming the config key, the bad value and what
 is allowed.
 """
+import os
+
 import ml_collections
 
 from mmkd_jax import data, distill, optimizers, runtime
@@ -16,11 +18,24 @@ def teacher_modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def seeds(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The report's seeds: distinct integers, at least one."""
+  spec = config.report.seeds
   try:
-    return tuple(int(s) for s in str(config.report.seeds).split(',') if s.strip())
+    values = tuple(int(s) for s in str(spec).split(',') if s.strip())
   except ValueError:
-    raise ValueError(f'config.report.seeds={config.report.seeds!r}: expected comma-separated integers '
-                     "such as '0,1,2'") from None
+    values = ()
+  if not values or len(set(values)) != len(values):
+    raise ValueError(f'config.report.seeds={spec!r}: expected distinct comma-separated integers such as '
+                     "'0,1,2' (each seed is one baseline and one distilled run)")
+  return values
+
+
+def workdir_path(workdir: str) -> str:
+  """`workdir` as an absolute path; it must be a directory or not exist yet."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'--workdir={workdir!r} is a file; give a directory (it is created if missing)')
+  return path
 
 
 def method_hparams(config: ml_collections.ConfigDict) -> dict[str, dict]:
@@ -60,9 +75,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                'host.cpu_devices'):
     _positive(config, path, allow_zero=True)
   for role in ('teacher', 'student'):
+    if not config[role].dropout_rate < 1:
+      raise ValueError(f'config.{role}.dropout_rate={config[role].dropout_rate!r} must be < 1')
     if config[role].width % config[role].num_heads:
       raise ValueError(f'config.{role}.width={config[role].width} is not divisible by '
                        f'config.{role}.num_heads={config[role].num_heads}')
+  if config.train.warmup_steps > config.train.num_steps:
+    raise ValueError(f'config.train.warmup_steps={config.train.warmup_steps} is more than config.train.num_steps='
+                     f'{config.train.num_steps}: the learning rate would never reach its peak')
   if len(teacher_modalities(config)) < 2:
     raise ValueError(f'config.teacher.modalities={config.teacher.modalities!r}: the teacher needs at least '
                      'two comma-separated modalities')

@@ -133,6 +133,13 @@ def test_mfeat_packaged_copy_equals_csvs():
 # Synthetic.
 
 
+@pytest.mark.parametrize('key, value, low', [('num_train', -5, 1), ('seq_len', 0, 1), ('num_modalities', 0, 1),
+                                            ('num_classes', 1, 2)])
+def test_synthetic_sizes_out_of_range_name_the_key(key, value, low):
+  with pytest.raises(ValueError, match=rf'^config\.data\.synthetic\.{key}={value} must be >= {low}$'):
+    synthetic.make_builder_config({key: value})
+
+
 def test_synthetic_config_name_and_dict_round_trip():
   config = synthetic.SyntheticConfig(**{'num_modalities': 3, 'seed': 2})
   assert config.name == 'm3_len8_dim6_cls4_n256-64-64_seed2'

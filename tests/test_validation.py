@@ -43,7 +43,12 @@ CASES = [
     ('teacher.dropout_rate', -0.5, 'config.teacher.dropout_rate=-0.5 must be >= 0'),
     ('student.num_heads', 3, 'config.student.width=8 is not divisible by config.student.num_heads=3'),
     ('teacher.modalities', 'm0', "config.teacher.modalities='m0': the teacher needs at least two"),
-    ('report.seeds', '0,x', "config.report.seeds='0,x': expected comma-separated integers"),
+    ('report.seeds', '0,x', "config.report.seeds='0,x': expected distinct comma-separated integers"),
+    ('report.seeds', '', "config.report.seeds='': expected distinct comma-separated integers"),
+    ('report.seeds', '0,1,0', "config.report.seeds='0,1,0': expected distinct comma-separated integers"),
+    ('student.dropout_rate', 1.5, 'config.student.dropout_rate=1.5 must be < 1'),
+    ('teacher.dropout_rate', 1.0, 'config.teacher.dropout_rate=1.0 must be < 1'),
+    ('train.warmup_steps', 7, 'config.train.warmup_steps=7 is more than config.train.num_steps=6'),
     ('host.cpu_dispatch', 'threads', "config.host.cpu_dispatch='threads' is unknown; valid choices: auto, sync, async"),
     ('distributed.initialize', 'yes',
      "config.distributed.initialize='yes' is unknown; valid choices: auto, always, never"),
@@ -104,6 +109,14 @@ def test_main_refuses_a_study_config(tmp_path):
   with pytest.raises(ValueError, match=r'python -m mmkd_jax.study .*one of teacher, student, distill'):
     train.train_and_evaluate(study_config.get_config(), str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()
+
+
+def test_workdir_that_is_a_file_is_refused_before_anything_runs(tiny_config, tmp_path):
+  path = tmp_path / 'a_file'
+  path.write_text('keep me')
+  with pytest.raises(ValueError, match=rf"^--workdir='{path}' is a file; give a directory"):
+    train.train_and_evaluate(tiny_config, str(path))
+  assert path.read_text() == 'keep me'
 
 
 def test_missing_teacher_checkpoint(tiny_config, tmp_path):

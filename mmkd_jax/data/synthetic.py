@@ -116,5 +116,10 @@ class Synthetic(LocalCodePath, tfds.core.GeneratorBasedBuilder):
 
 def make_builder_config(fields: dict[str, int]) -> SyntheticConfig:
   """The config for `fields`; the default one is the registered instance, which tfds requires."""
+  minimum = {'num_modalities': 1, 'seq_len': 1, 'feat_dim': 1, 'num_classes': 2, 'num_train': 1,
+             'num_validation': 1, 'num_test': 1}
+  for key, low in minimum.items():
+    if key in fields and not fields[key] >= low:
+      raise ValueError(f'config.data.synthetic.{key}={fields[key]!r} must be >= {low}')
   config = SyntheticConfig(**fields)
   return Synthetic.builder_configs.get(config.name, config)

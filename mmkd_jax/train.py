@@ -348,6 +348,9 @@ def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, dis
     fingerprint['teacher'] = config.teacher.to_dict()
     fingerprint['distill'] = {k: v for k, v in config.distill.to_dict().items()
                               if k not in ('teacher_dir', 'cache_teacher', 'cache_teacher_max_gb')}
+    # Only the hyperparameters of the methods this run uses (a newly added method's leave it alone).
+    used = {term.method for term in distill.parse_terms(config.distill.terms)}
+    fingerprint['distill']['hparams'] = {m: v for m, v in fingerprint['distill']['hparams'].items() if m in used}
   return fingerprint
 
 

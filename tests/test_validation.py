@@ -156,3 +156,13 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(tiny_config, tmp_
   checkpoint.claim_run_dir(run_dir, changed, overwrite=True)
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   assert checkpoint.read_fingerprint(run_dir) == changed
+
+
+def test_distilled_run_fingerprint_holds_only_the_hparams_of_its_methods(tiny_config):
+  tiny_config.distill.terms = 'logits:kl:1.0,hidden:mse:1.0'
+  before = train.run_fingerprint(tiny_config, 'student', 0, distilled=True)
+  tiny_config.distill.hparams.contrastive.temperature = 0.5  # a method this run does not use
+  assert train.run_fingerprint(tiny_config, 'student', 0, distilled=True) == before
+  tiny_config.distill.hparams.kl.temperature = 2.0
+  assert checkpoint.first_difference(before, train.run_fingerprint(tiny_config, 'student', 0, distilled=True)) == (
+      'distill.hparams.kl.temperature was 4.0, now 2.0')

@@ -2,7 +2,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmkd_jax import checkpoint, train
+from mmkd_jax import checkpoint, cli, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file; fields overridable as --config.a.b=v.',
@@ -15,8 +15,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   checkpoint.quiet_orbax_logs()
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  with cli.one_line_errors():
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

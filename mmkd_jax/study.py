@@ -30,7 +30,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from mmkd_jax import checkpoint, data, distill, evaluate, export, runtime, train, validation
+from mmkd_jax import checkpoint, cli, data, distill, evaluate, export, runtime, train, validation
 from mmkd_jax.data import pipeline
 from mmkd_jax.registry import Registry
 
@@ -548,7 +548,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   checkpoint.quiet_orbax_logs()
-  run_study(flags.FLAGS.config, flags.FLAGS.workdir)
+  with cli.one_line_errors():
+    run_study(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
@@ -557,4 +558,4 @@ if __name__ == '__main__':
                                   'overridable as --config.study.methods=kl,mse.', lock_config=True)
   flags.DEFINE_string('workdir', '/tmp/mmkd_study', 'Where the runs, per-cell results, tables and plots go.')
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

@@ -1,0 +1,105 @@
+"""Command-line plumbing shared by `mmkd_jax.main` and `mmkd_jax.study`: bad input ends in one line.
+
+A missing config file, an override of a key the config does not have, and the project's own
+`ValueError`s (config checks, registries, refused workdirs) print `mmkd_jax: error: ...` and
+exit with status 2 instead of a traceback; any other exception keeps its traceback.
+"""
+import contextlib
+import glob
+import importlib.util
+import os
+import sys
+import traceback
+from typing import Iterator
+
+from absl import app, flags
+import ml_collections
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(message: str) -> None:
+  """Ends the process with the one-line error `message`."""
+  sys.stderr.write(f'mmkd_jax: error: {message}\n')
+  sys.exit(2)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value given to --config (as `--config=v` or `--config v`), or None."""
+  for i, token in enumerate(argv):
+    if token.startswith('--config='):
+      return token[len('--config='):]
+    if token == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(path: str, argument: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location('mmkd_jax_cli_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(argument) if argument else module.get_config()
+
+
+def _missing_file(spec: str) -> str:
+  path = spec.partition(':')[0]
+  found = sorted(glob.glob(os.path.join(os.path.dirname(path) or '.', '*.py')))
+  return f'--config={spec!r}: no such file; config files there: {", ".join(map(os.path.basename, found)) or "none"}'
+
+
+def explain_override_error(argv: list[str]) -> str | None:
+  """The one-line reason a command line failed to parse where it overrides a `--config.<key>` that
+  the config lacks; None otherwise."""
+  spec = _config_spec(argv)
+  if spec is None:
+    return None
+  path, _, argument = spec.partition(':')
+  config = _load_config(path, argument)
+  for token in argv:
+    if not token.startswith('--config.'):
+      continue
+    key = token[len('--config.'):].partition('=')[0]
+    node, prefix = config, 'config'
+    for part in key.split('.'):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        keys = ', '.join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else 'none'
+        return f'--config.{key}: {prefix} has no key {part!r} in {path}; its keys: {keys}'
+      node, prefix = node[part], f'{prefix}.{part}'
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), with config errors in one line."""
+  spec = _config_spec(argv)
+  if spec is not None and not os.path.isfile(spec.partition(':')[0]):
+    fail(_missing_file(spec))
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:  # e.g. --config.train.num_steps=abc
+    fail(str(error))
+  except Exception:  # config_flags raises AttributeError, KeyError, ... depending on the fault
+    reason = explain_override_error(argv)
+    if reason is None:
+      raise
+    fail(reason)
+
+
+def _raised_by_project(error: BaseException) -> bool:
+  frames = traceback.extract_tb(error.__traceback__)
+  return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR + os.sep)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+  """Turns a `ValueError` raised by the project's own code into a one-line error."""
+  try:
+    yield
+  except ValueError as error:
+    if not _raised_by_project(error):
+      raise
+    fail(str(error))
+
+
+def run(main) -> None:
+  """`app.run(main)` with the parsing above."""
+  app.run(main, flags_parser=parse_flags)

@@ -354,6 +354,12 @@ def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, dis
   return fingerprint
 
 
+def run_label(run_dir: str, role: str) -> str:
+  """The run's name in progress lines: '<arm>/seed_<s>' for a seed's run, else the role."""
+  base = os.path.basename(os.path.normpath(run_dir))
+  return f'{os.path.basename(os.path.dirname(os.path.normpath(run_dir)))}/{base}' if base.startswith('seed_') else role
+
+
 def check_teacher_dir(config: ml_collections.ConfigDict, teacher_dir: str) -> None:
   """An explicit `config.distill.teacher_dir` must hold a finished teacher of this config's shape."""
   found = checkpoint.read_fingerprint(teacher_dir)
@@ -439,7 +445,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   if manager.latest_step() is not None:
     state, data_state = checkpoint.restore(manager, manager.latest_step(), state)
     train_iter.set_state(data_state)
-    logging.info('%s: resumed at step %d', run_dir, int(state.step))
+    logging.info('%s: %s at step %d', run_dir, 'finished run restored' if finished else 'resumed', int(state.step))
 
   step_fn = functools.partial(train_step, model=model, task=info.task, dist=dist, mesh=mesh)
   predict_fn = functools.partial(predict_outputs, model=model, out_sharding=replicated)
@@ -449,7 +455,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
 
   # A restored-only run (someone else's teacher dir) writes nothing there.
   writer = SummaryWriter(run_dir) if jax.process_index() == 0 and not restore_only else None
-  name = os.path.relpath(run_dir, os.path.dirname(os.path.dirname(run_dir)))
+  name = run_label(run_dir, role)
   start_step = int(state.step)
   num_steps = start_step if restore_only else config.train.num_steps
   accumulated, skipped, start_time = None, 0, time.perf_counter()
@@ -472,7 +478,8 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
           manager.wait_until_finished()
           raise FloatingPointError(
               f'[{name}] non-finite {bad} at step {step}; the update was not applied and training stopped; '
-              f'last good checkpoint: step {manager.latest_step()} in {manager.directory}')
+              + (f'last good checkpoint: step {manager.latest_step()} in {manager.directory}'
+                 if manager.latest_step() is not None else 'no checkpoint was saved before it'))
         skipped += 1
         logging.warning('[%s] skipped step %d: non-finite %s (%d skipped so far)', name, step, bad, skipped)
       else:
@@ -483,7 +490,8 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
         values['skipped_steps'] = skipped
         accumulated = None
         rate = (step - start_step) / (time.perf_counter() - start_time)
-        logging.info('[%s] step %d/%d loss %.4f%s | %.1f steps/s | ETA %s', name, step, num_steps, values['loss'],
+        logging.info('[%s] step %d/%d loss %.4f%s%s | %.1f steps/s | ETA %s', name, step, num_steps, values['loss'],
+                     f" (task {values['task_loss']:.4f})" if dist is not None else '',
                      f" acc {values['accuracy']:.3f}" if 'accuracy' in values else '', rate,
                      format_eta((num_steps - step) / rate))
         if writer:

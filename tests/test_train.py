@@ -203,7 +203,7 @@ def test_cached_teacher_gives_the_online_loss_curve_and_falls_back_above_its_mem
   with caplog.at_level(logging.INFO):
     again = train.train_run(tiny_config, 'student', str(tmp_path / 'cached'), 0, builder, info,
                             teacher=(teacher, teacher_params), terms=terms)
-  assert 'resumed at step %d' % tiny_config.train.num_steps in caplog.text
+  assert 'finished run restored at step %d' % tiny_config.train.num_steps in caplog.text
   assert 'teacher targets' not in caplog.text
   assert again.test == results['cached'].test
 
@@ -220,3 +220,11 @@ def test_runs_of_other_seeds_reuse_the_traced_train_step(tiny_config, tmp_path):
   assert after_first - before <= 1 and train.train_step._cache_size() == after_first
   # Two real runs: other seeds, other parameters.
   assert not np.array_equal(jax.tree.leaves(first.params)[0], jax.tree.leaves(second.params)[0])
+
+
+@pytest.mark.parametrize('run_dir, role, label', [
+    ('/w/teacher', 'teacher', 'teacher'), ('/w/student/seed_3', 'student', 'student/seed_3'),
+    ('/w/distilled/seed_0/', 'student', 'distilled/seed_0'), ('/tmp/mmkd_jax', 'student', 'student'),
+    ('/s/runs/pix64-hidden-mse/seed_1', 'student', 'pix64-hidden-mse/seed_1')])
+def test_run_label_names_the_arm_and_seed(run_dir, role, label):
+  assert train.run_label(run_dir, role) == label

@@ -34,6 +34,10 @@ def compute_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[
   raise ValueError(f'unknown task {task!r}; valid choices: classification, multilabel, regression')
 
 
+# Metrics where a smaller value is the better one (all others: larger is better).
+LOWER_IS_BETTER = ('mae',)
+
+
 def score(task: str, values: dict[str, float]) -> float:
   """The higher-is-better number that picks the best checkpoint on the validation split."""
   if task == 'classification':

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from mmkd_jax import evaluate
+
 
 def summarize(runs: Sequence[Any]) -> dict:
   """Per-metric mean, std (population, over seeds) and the per-seed test values of `runs`."""
@@ -49,15 +51,17 @@ def markdown(results: dict) -> str:
       '| model | ' + ' | '.join(keys) + ' | params | latency (ms / batch of '
       f"{results['latency_batch_size']}) |",
       '|---' * (len(keys) + 3) + '|',
-      '| teacher | ' + ' | '.join(f"{results['teacher']['test'][k]:.4f}" for k in keys)
+      f"| teacher ({results['teacher_modalities'].replace(',', ' + ')}) | "
+      + ' | '.join(f"{results['teacher']['test'][k]:.4f}" for k in keys)
       + f" | {results['teacher']['params']:,} | {results['teacher']['latency_ms']:.3f} |",
   ]
   for arm, label in (('student', 'student baseline'), ('distilled', 'distilled student')):
     r = results[arm]
-    lines.append(f'| {label} | ' + ' | '.join(f"{r['mean'][k]:.4f} +- {r['std'][k]:.4f}" for k in keys)
+    lines.append(f"| {label} ({results['student_modality']}) | " + ' | '.join(f"{r['mean'][k]:.4f} +- {r['std'][k]:.4f}" for k in keys)
                  + f" | {r['params']:,} | {r['latency_ms']:.3f} |")
   lines += ['', 'Gain of distillation (distilled - baseline, means): '
-            + ', '.join(f'{k} {v:+.4f}' for k, v in results['gain'].items()) + '.',
+            + ', '.join(f'{k} {v:+.4f}' + (' (lower is better)' if k in evaluate.LOWER_IS_BETTER else '')
+                        for k, v in results['gain'].items()) + '.',
             f"Teacher / student: {results['param_ratio']:.2f}x parameters, "
             f"{results['latency_ratio']:.2f}x latency.", '',
             'Per-seed test values: ' + '; '.join(

@@ -126,3 +126,23 @@ def test_emotion_metrics_rejects_bad_shapes_and_labels():
     metrics.emotion_metrics(np.zeros((3, 4, 2)), np.zeros((3, 4)))
   with pytest.raises(ValueError, match='0 or 1'):
     metrics.emotion_metrics(np.zeros((2, 4)), np.full((2, 4), 2))
+
+
+def test_report_names_the_modalities_and_says_which_gains_are_better_lower():
+  from types import SimpleNamespace
+
+  import ml_collections
+
+  from mmkd_jax import report
+  config = ml_collections.ConfigDict({
+      'data': {'name': 'mosi'}, 'teacher': {'modalities': 'text,audio,vision'}, 'student': {'modality': 'audio'},
+      'distill': {'terms': 'hidden:mse:1.0'}, 'report': {'seeds': '0,1', 'latency_batch_size': 8},
+      'train': {'num_steps': 10}})
+  run = lambda mae, corr: SimpleNamespace(test={'mae': mae, 'corr': corr}, num_params=10)
+  results = report.build(config, SimpleNamespace(task='regression'), teacher=run(0.5, 0.9),
+                         students=[run(1.0, 0.2), run(0.8, 0.4)], distilled=[run(0.7, 0.5), run(0.7, 0.3)],
+                         teacher_latency=0.002, student_latency=0.001)
+  text = report.markdown(results)
+  assert '| teacher (text + audio + vision) | 0.5000 | 0.9000 |' in text
+  assert '| student baseline (audio) | 0.9000 +- 0.1000 | 0.3000 +- 0.1000 |' in text
+  assert 'mae -0.2000 (lower is better), corr +0.1000.' in text

@@ -30,7 +30,7 @@ def test_distill_job_trains_checkpoints_and_reports(tiny_config, tmp_path):
   with open(os.path.join(workdir, 'report.json')) as f:
     assert json.load(f)['terms'] == tiny_config.distill.terms
   report = open(os.path.join(workdir, 'report.md')).read()
-  assert '| distilled student |' in report and '| teacher |' in report
+  assert '| distilled student (m0) |' in report and '| teacher (m0 + m1) |' in report
   # Each run directory keeps its checkpoints (latest + best) and TensorBoard events.
   run_dir = os.path.join(workdir, 'distilled', 'seed_0')
   assert os.listdir(os.path.join(run_dir, 'checkpoints'))

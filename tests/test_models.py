@@ -181,6 +181,39 @@ def test_padding_values_do_not_matter(kind):
       assert not np.allclose(np.asarray(h2)[~real], np.asarray(h)[~real])
 
 
+def test_a_fully_missing_modality_feeds_nothing_into_the_teacher():
+  """Every token of modality b padded (a missing modality): a's queries attend to no b key (zero
+  probabilities, zero context), so b's features and its learned position embeddings change nothing."""
+  model = _teacher(('a', 'b'))
+  params, apply = _init(model)
+  batch = dict(_batch(('a', 'b')))
+  batch['b_mask'] = jnp.zeros_like(batch['b_mask'])
+  logits, taps = apply(params, batch)
+  assert np.all(np.asarray(taps['attn']['a'][0]) == 0.0)  # a's cross-attention over b's keys
+  changed = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 1.0 if 'embed_b' in jax.tree_util.keystr(path) else x, params)
+  assert not np.array_equal(changed['params']['embed_b']['position'], params['params']['embed_b']['position'])
+  scrambled = {**batch, 'b': 100 * batch['b'] + 1}
+  np.testing.assert_array_equal(apply(changed, scrambled)[1]['pooled'][:, :W], taps['pooled'][:, :W])
+
+
+def test_bfloat16_attention_logits_are_float32():
+  """The attention's q . k is accumulated in float32 before the softmax: its probabilities equal the
+  float32 softmax of the (bfloat16) q and k the module computed, far closer than bfloat16 logits get."""
+  attention = layers.MultiHeadAttention(num_heads=H, dtype=jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(3 * rng.normal(size=(B, 6, W)), jnp.float32)
+  mask = jnp.asarray(np.arange(6)[None] < np.array([6, 4, 2])[:, None])
+  params = attention.init(jax.random.key(0), x, None, mask)
+  (_, probs), captured = attention.apply(params, x, None, mask, capture_intermediates=True,
+                                         mutable=['intermediates'])
+  qkv = captured['intermediates']['qkv']['__call__'][0].astype(jnp.float32)
+  q, k = qkv[:, :, 0], qkv[:, :, 1]
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, precision='highest') / np.sqrt(W // H)
+  want = jax.nn.softmax(jnp.where(mask[:, None, None, :], logits, -jnp.inf), axis=-1)
+  np.testing.assert_allclose(probs, want, atol=2e-6)
+
+
 @pytest.mark.parametrize('kind', ['teacher', 'student'])
 def test_dropout_only_in_training(kind):
   """train=True with different dropout rngs differs; train=False is deterministic and needs no rng."""

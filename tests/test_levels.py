@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from mmkd_jax.distill import (LEVELS, METHODS, LevelContext, Pair, Projector, Term, collect_pairs,
-                              distillation_losses, parse_terms, projection_widths, resolve_layer_map,
-                              validate_hparams)
+                              distillation_losses, level_problem, parse_terms, projection_widths,
+                              resolve_layer_map, validate_hparams)
 from mmkd_jax.distill.levels import query_affinity
 
 B, L, L_OTHER, C = 3, 4, 5, 6
@@ -312,3 +312,32 @@ def test_collect_pairs_only_used_levels():
   pairs = collect_pairs(terms, student, teacher, _context())
   assert list(pairs) == ['logits', 'hidden']
   assert sorted(pairs['hidden']) == ['hidden_0_1', 'hidden_1_3']
+
+
+def _random_probs(rng, shape):
+  e = np.exp(rng.normal(size=shape))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize('method', [m for m in METHODS.names() if level_problem('attention', m) is None])
+def test_attention_level_losses_do_not_depend_on_how_much_padding_follows(method):
+  """The same real tokens with 0 or 5 padded tokens after them (keys with probability 0, query rows
+  whatever they are) give the same loss: the affinities' padded columns are masked as features."""
+  rng = np.random.default_rng(0)
+  h, real, padding, keys = 2, 4, 5, 3
+  student, teacher = _random_probs(rng, (B, h, real, real)), _random_probs(rng, (B, h, real, keys))
+  terms = (Term('attention', method, 1.0),)
+  losses = []
+  for pad in (0, padding):
+    s = np.zeros((B, h, real + pad, real + pad))
+    s[:, :, :real, :real] = student
+    s[:, :, real:] = _random_probs(rng, (B, h, pad, real + pad))
+    t = np.concatenate([teacher, _random_probs(rng, (B, h, pad, keys))], axis=2)
+    context = LevelContext('a', jnp.asarray(np.arange(real + pad) < real, jnp.float32)[None].repeat(B, 0),
+                           jnp.ones(B), ((0, 0),))
+    pairs = collect_pairs(terms, {'attn': {'a': (jnp.asarray(s, jnp.float32),)}},
+                          {'attn': {'a': (jnp.asarray(t, jnp.float32),)}}, context)
+    labels = jnp.zeros(B, jnp.int32)
+    losses.append(float(distillation_losses(terms, pairs, {}, labels)[f'attention/{method}']))
+  assert losses[0] > 1e-4
+  np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)

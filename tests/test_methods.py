@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmkd_jax.distill import LevelContext, Term, collect_pairs, distillation_losses
-from mmkd_jax.distill.methods import METHODS
+from mmkd_jax.distill.methods import INPUTS, METHODS
 
 NAMES = METHODS.names()
 # Methods whose loss is not zero at student == teacher (InfoNCE still has the other candidates).
@@ -61,7 +61,7 @@ def _jitted(name):
 def _defaults(name):
   """The method's hyperparameters with their default values."""
   params = inspect.signature(METHODS.get(name)).parameters.values()
-  return {p.name: p.default for p in params if p.name not in ('student', 'teacher', 'mask', 'labels')}
+  return {p.name: p.default for p in params if p.name not in INPUTS}
 
 
 @functools.lru_cache(maxsize=None)

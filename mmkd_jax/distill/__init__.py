@@ -11,7 +11,9 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from mmkd_jax.distill import methods
 from mmkd_jax.distill.levels import LEVELS, LevelContext, Pair, resolve_layer_map
 from mmkd_jax.distill.methods import METHODS
 from mmkd_jax.models.layers import Dense
@@ -86,7 +88,7 @@ def validate_hparams(hparams: Mapping[str, Mapping[str, Any]]) -> None:
     if method not in METHODS:
       raise ValueError(f'config.distill.hparams.{method}: unknown distillation method; '
                        f'valid choices: {", ".join(METHODS.names())}')
-    accepted = set(inspect.signature(METHODS.get(method)).parameters) - {'student', 'teacher', 'mask', 'labels'}
+    accepted = set(inspect.signature(METHODS.get(method)).parameters) - set(methods.INPUTS)
     for key, value in values.items():
       if key not in accepted:
         raise ValueError(f'config.distill.hparams.{method}.{key}: unknown hyperparameter; '
@@ -123,13 +125,26 @@ class Projector(nn.Module):
 
 def distillation_losses(terms: tuple[Term, ...], pairs: dict[str, dict[str, Pair]],
                         hparams: Mapping[str, Mapping[str, Any]], labels: Array) -> dict[str, Array]:
-  """Term name -> unweighted loss, averaged over the term's pairs (e.g. over mapped layers)."""
+  """Term name -> unweighted loss, averaged over the term's pairs (e.g. over mapped layers).
+
+  Where a pair's feature axis has padding (`Pair.feature_mask`), those features are zeroed on
+  both sides, which makes sums over features exact (cosine, energy maps, batch distances); a
+  method that declares a `feature_mask` argument also receives it (means over features, kl).
+  """
   losses = {}
   for term in terms:
     method = METHODS.get(term.method)
+    accepted = inspect.signature(method).parameters
     kwargs = dict(hparams.get(term.method, {}))
-    if 'labels' in inspect.signature(method).parameters:
+    if 'labels' in accepted:
       kwargs['labels'] = labels
-    values = [method(p.student, p.teacher, p.mask, **kwargs) for p in pairs[term.level].values()]
+    values = []
+    for p in pairs[term.level].values():
+      student, teacher, extra = p.student, p.teacher, {}
+      if p.feature_mask is not None:
+        real = jnp.broadcast_to(p.feature_mask, student.shape)
+        student, teacher = jnp.where(real, student, 0.0), jnp.where(real, teacher, 0.0)
+        extra = {'feature_mask': real} if 'feature_mask' in accepted else {}
+      values.append(method(student, teacher, p.mask, **kwargs, **extra))
     losses[term.name] = sum(values) / len(values)
   return losses

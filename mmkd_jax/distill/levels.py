@@ -27,6 +27,9 @@ class Pair:
   mask: Array
   # Whether a learned linear map may bring the student's width to the teacher's (static).
   projectable: bool = struct.field(pytree_node=False)
+  # Where the last (feature) axis itself has padding, which of its entries are real; broadcasts
+  # to the pair's shape. None: every feature is real.
+  feature_mask: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,9 @@ def query_affinity(probs: Array, query_mask: Array) -> Array:
 def attention_level(student: dict, teacher: dict, context: LevelContext) -> dict[str, Pair]:
   """Attention maps compared as query affinities (see `query_affinity`), per the layer map.
 
-  When student and teacher have different head counts, both are averaged over heads.
+  When student and teacher have different head counts, both are averaged over heads. The
+  affinities' last axis runs over the student's token positions, padded ones included: the
+  pair's `feature_mask` marks the real ones.
   """
   s_maps, t_maps = student['attn'][context.modality], teacher['attn'][context.modality]
   mask = (context.token_mask * context.example_weight[:, None])[:, None, :]
@@ -110,5 +115,5 @@ def attention_level(student: dict, teacher: dict, context: LevelContext) -> dict
     t_aff = query_affinity(t_maps[t], context.token_mask)
     if s_aff.shape[1] != t_aff.shape[1]:
       s_aff, t_aff = (jnp.log(jnp.mean(jnp.exp(x), axis=1, keepdims=True)) for x in (s_aff, t_aff))
-    pairs[f'attention_{s}_{t}'] = Pair(s_aff, t_aff, mask, False)
+    pairs[f'attention_{s}_{t}'] = Pair(s_aff, t_aff, mask, False, context.token_mask[:, None, None, :] > 0)
   return pairs

@@ -4,8 +4,10 @@ Every method has the signature `method(student, teacher, mask, **hyperparameters
 `student` and `teacher` are float arrays of one shape (..., F) (last axis = features),
 `mask` broadcasts to their leading dims and weights each row (1 = real, 0 = padding),
 and the result is a float32 scalar. A method that needs the task labels declares a
-`labels` argument and receives them. Hyperparameters come from
-`config.distill.hparams.<method name>`.
+`labels` argument and receives them. Where the feature axis itself is padded (the attention
+level's affinities run over token positions), padded features arrive as zeros on both sides,
+and a method that declares a `feature_mask` argument (bool, the inputs' shape) also gets the
+mask. Hyperparameters come from `config.distill.hparams.<method name>`.
 
 To add a method, write one function here with `@METHODS.register('name')` and name it in
 `config.distill.terms`.
@@ -20,6 +22,8 @@ from mmkd_jax.registry import Registry
 
 Array = Any
 METHODS: Registry[Callable[..., Array]] = Registry('distillation method')
+# A method's arguments that are inputs, not hyperparameters.
+INPUTS = ('student', 'teacher', 'mask', 'labels', 'feature_mask')
 
 
 def _row_weights(x: Array, mask: Array | None) -> Array:
@@ -46,26 +50,38 @@ def _flatten_examples(x: Array, mask: Array | None) -> tuple[Array, Array]:
   return x.reshape(x.shape[0], -1), example_weights
 
 
+def _feature_mean(values: Array, feature_mask: Array | None) -> Array:
+  """Mean over the last axis, over its real entries only where `feature_mask` is given."""
+  if feature_mask is None:
+    return jnp.mean(values, axis=-1)
+  real = feature_mask.astype(jnp.float32)
+  return jnp.sum(values * real, axis=-1) / jnp.maximum(jnp.sum(real, axis=-1), 1.0)
+
+
 @METHODS.register('kl')
-def kl(student: Array, teacher: Array, mask: Array | None = None, temperature: float = 4.0) -> Array:
-  """Hinton et al. 2015: T^2 * KL(softmax(t/T) || softmax(s/T)) over the last axis, row mean."""
-  log_p_t = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1)
-  log_p_s = jax.nn.log_softmax(student.astype(jnp.float32) / temperature, axis=-1)
+def kl(student: Array, teacher: Array, mask: Array | None = None, feature_mask: Array | None = None,
+       temperature: float = 4.0) -> Array:
+  """Hinton et al. 2015: T^2 * KL(softmax(t/T) || softmax(s/T)) over the last axis (its real
+  entries), row mean."""
+  def log_probs(x: Array) -> Array:
+    x = x.astype(jnp.float32) / temperature
+    return jax.nn.log_softmax(x if feature_mask is None else jnp.where(feature_mask, x, -1e9), axis=-1)
+  log_p_t, log_p_s = log_probs(teacher), log_probs(student)
   rows = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
   return temperature**2 * _weighted_mean(rows, _row_weights(student, mask))
 
 
 @METHODS.register('mse')
-def mse(student: Array, teacher: Array, mask: Array | None = None) -> Array:
-  """Mean squared error, averaged over features and real rows (FitNets when applied to hidden states)."""
-  rows = jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)), axis=-1)
+def mse(student: Array, teacher: Array, mask: Array | None = None, feature_mask: Array | None = None) -> Array:
+  """Mean squared error, averaged over (real) features and real rows (FitNets when applied to hidden states)."""
+  rows = _feature_mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)), feature_mask)
   return _weighted_mean(rows, _row_weights(student, mask))
 
 
 @METHODS.register('l1')
-def l1(student: Array, teacher: Array, mask: Array | None = None) -> Array:
-  """Mean absolute error, averaged over features and real rows."""
-  rows = jnp.mean(jnp.abs(student.astype(jnp.float32) - teacher.astype(jnp.float32)), axis=-1)
+def l1(student: Array, teacher: Array, mask: Array | None = None, feature_mask: Array | None = None) -> Array:
+  """Mean absolute error, averaged over (real) features and real rows."""
+  rows = _feature_mean(jnp.abs(student.astype(jnp.float32) - teacher.astype(jnp.float32)), feature_mask)
   return _weighted_mean(rows, _row_weights(student, mask))
 
 

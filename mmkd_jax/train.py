@@ -354,6 +354,16 @@ def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, dis
   return fingerprint
 
 
+def drop_logged_steps_after(path: str, step: int) -> None:
+  """Keeps the rows of the metrics.jsonl at `path` (if any) up to `step`."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+  with open(path, 'w') as f:
+    f.writelines(rows)
+
+
 def run_label(run_dir: str, role: str) -> str:
   """The run's name in progress lines: '<arm>/seed_<s>' for a seed's run, else the role."""
   base = os.path.basename(os.path.normpath(run_dir))
@@ -453,10 +463,14 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
       predict_fn, state.params, pipeline.eval_batches(builder, split, modalities, config.train.eval_batch_size),
       functools.partial(shard_global_batch, sharding=data_sharding)))
 
-  # A restored-only run (someone else's teacher dir) writes nothing there.
-  writer = SummaryWriter(run_dir) if jax.process_index() == 0 and not restore_only else None
   name = run_label(run_dir, role)
   start_step = int(state.step)
+  # A restored-only run (someone else's teacher dir) writes nothing there. A run resumed after a
+  # hard kill drops the logged steps past its checkpoint, which it trains again.
+  writer = None
+  if jax.process_index() == 0 and not restore_only:
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
+    drop_logged_steps_after(os.path.join(run_dir, 'metrics.jsonl'), start_step)
   num_steps = start_step if restore_only else config.train.num_steps
   accumulated, skipped, start_time = None, 0, time.perf_counter()
 

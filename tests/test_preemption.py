@@ -4,6 +4,7 @@ SIGKILL or SIGTERM mid-run, then the same command: the final parameters must be 
 those of an uninterrupted run. A NaN injected into a batch must stop the run with the step
 and the bad term, a non-zero exit, and the last good checkpoint intact.
 """
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,8 @@ def test_killed_run_resumes_bitwise(tmp_path, uninterrupted, sig):
     assert max(saved) == stopped_at
   subprocess.run(command, cwd=REPO, check=True, capture_output=True)
   resumed = _final_params(workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:  # each logged step once, in order
+    assert [json.loads(line)['step'] for line in f] == list(range(20, NUM_STEPS + 1, 20))
   assert len(resumed) == len(uninterrupted)
   for a, b in zip(resumed, uninterrupted):
     np.testing.assert_array_equal(a, b)

@@ -228,3 +228,11 @@ def test_runs_of_other_seeds_reuse_the_traced_train_step(tiny_config, tmp_path):
     ('/s/runs/pix64-hidden-mse/seed_1', 'student', 'pix64-hidden-mse/seed_1')])
 def test_run_label_names_the_arm_and_seed(run_dir, role, label):
   assert train.run_label(run_dir, role) == label
+
+
+def test_resumed_run_drops_the_logged_steps_past_its_checkpoint(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': step, 'loss': 1.0}) + '\n' for step in (10, 20, 30, 40)))
+  train.drop_logged_steps_after(str(path), 20)
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [10, 20]
+  train.drop_logged_steps_after(str(tmp_path / 'absent.jsonl'), 20)  # a run that logged nothing yet

@@ -162,7 +162,8 @@ def plan(config: ml_collections.ConfigDict, info: data.TaskInfo) -> Plan:
       raise ValueError(f'config.study.metrics: {metric!r} is not a metric of the {info.task} task; '
                        f'valid choices: {", ".join(all_metrics)}')
   for name in (s.strip() for s in config.study.plots.split(',') if s.strip()):
-    PLOTS.get(name)
+    if name not in PLOTS:
+      raise ValueError(f'config.study.plots: unknown plot {name!r}; valid choices: {", ".join(PLOTS.names())}')
   platforms = tuple(_items(config, 'export_platforms', 'cpu'))
   for platform in platforms:
     if platform not in EXPORT_PLATFORMS:

@@ -170,7 +170,7 @@ def test_exported_student_runs_on_a_platform_it_was_exported_for(tmp_path):
     ({'study.widths': '8,x'}, "config.study.widths: 'x' is not an integer >= 1"),
     ({'study.widths': '7'}, 'config.study cell m0-w7-logits-kl: config.student.width=7 is not divisible'),
     ({'study.methods': 'dkd', 'study.levels': 'hidden'}, 'every cell of the grid is skipped'),
-    ({'study.plots': 'pie'}, "unknown plot 'pie'; valid choices: heatmap, latency"),
+    ({'study.plots': 'pie'}, "config.study.plots: unknown plot 'pie'; valid choices: heatmap, latency"),
     ({'study.max_runs': 4}, 'config.study.max_runs=4: the grid needs 5 training runs (3 cells x 1 seeds + 1 '
                             'baselines x 1 seeds + 1 teacher)'),
     ({'study.max_minutes': 1.0}, 'config.study.max_minutes=1.0: the grid needs about 3 minutes (5 runs'),

@@ -8,7 +8,7 @@ import json
 import logging as py_logging
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -108,15 +108,18 @@ def first_difference(old: Any, new: Any, path: str = '') -> str | None:
   return None if old == new else f'{path} was {old!r}, now {new!r}'
 
 
-def claim_run_dir(run_dir: str, fingerprint: dict, overwrite: bool) -> None:
+def claim_run_dir(run_dir: str, fingerprint: dict, overwrite: bool,
+                  upgrade: Callable[[dict], dict] = lambda found: found) -> None:
   """Refuses to mix runs: `run_dir` may only hold checkpoints of the same `fingerprint`.
 
-  The fingerprint (the config that shapes the run) is stored as run.json. With `overwrite`,
+  The fingerprint (the config that shapes the run) is stored as run.json; `upgrade` brings one
+  stored by an earlier version to the current form before they are compared. With `overwrite`,
   a run of another config is deleted first.
   """
   fingerprint = json.loads(json.dumps(fingerprint))
   found = read_fingerprint(run_dir)
   if found is not None:
+    found = upgrade(found)
     difference = first_difference(found, fingerprint)
     if difference and not overwrite:
       raise ValueError(f'{run_dir} holds a run of another config ({difference}); use another --workdir or '

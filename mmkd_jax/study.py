@@ -251,7 +251,8 @@ def _finished(path: str, fingerprints: dict[str, dict], overwrite: bool) -> dict
   stored = checkpoint.read_json(path)
   if stored is None or set(stored['fingerprints']) != set(fingerprints):
     return None
-  difference = checkpoint.first_difference(stored['fingerprints'], fingerprints)
+  stored_prints = {seed: train.current_fingerprint(print_) for seed, print_ in stored['fingerprints'].items()}
+  difference = checkpoint.first_difference(stored_prints, fingerprints)
   if difference and not overwrite:
     raise ValueError(f'{path} holds results of another config ({difference}); use another --workdir or set '
                      '--config.overwrite=True to recompute them')

@@ -348,9 +348,17 @@ def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, dis
     fingerprint['teacher'] = config.teacher.to_dict()
     fingerprint['distill'] = {k: v for k, v in config.distill.to_dict().items()
                               if k not in ('teacher_dir', 'cache_teacher', 'cache_teacher_max_gb')}
-    # Only the hyperparameters of the methods this run uses (a newly added method's leave it alone).
-    used = {term.method for term in distill.parse_terms(config.distill.terms)}
-    fingerprint['distill']['hparams'] = {m: v for m, v in fingerprint['distill']['hparams'].items() if m in used}
+  return current_fingerprint(fingerprint)
+
+
+def current_fingerprint(fingerprint: dict) -> dict:
+  """`fingerprint` as this version writes it: a distilled run's hparams only of the methods it uses
+  (a newly added method's config line leaves it alone). Fingerprints stored by earlier versions,
+  which held every method's, compare equal through this."""
+  if 'distill' in fingerprint:
+    used = {term.method for term in distill.parse_terms(fingerprint['distill']['terms'])}
+    hparams = {m: v for m, v in fingerprint['distill'].get('hparams', {}).items() if m in used}
+    fingerprint = {**fingerprint, 'distill': {**fingerprint['distill'], 'hparams': hparams}}
   return fingerprint
 
 
@@ -424,7 +432,8 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   With `restore_only`, a finished run in `run_dir` is restored and evaluated, never trained.
   """
   if not restore_only:
-    checkpoint.claim_run_dir(run_dir, run_fingerprint(config, role, seed, teacher is not None), config.overwrite)
+    checkpoint.claim_run_dir(run_dir, run_fingerprint(config, role, seed, teacher is not None), config.overwrite,
+                             upgrade=current_fingerprint)
   mesh = create_mesh(config)
   for key in ('batch_size', 'eval_batch_size'):
     if config.train[key] % mesh.shape['data']:

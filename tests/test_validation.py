@@ -1,4 +1,6 @@
 """Every config error is one line naming the key, the bad value and what is allowed, before training."""
+import json
+
 import pytest
 
 from configs import study as study_config
@@ -166,3 +168,19 @@ def test_distilled_run_fingerprint_holds_only_the_hparams_of_its_methods(tiny_co
   tiny_config.distill.hparams.kl.temperature = 2.0
   assert checkpoint.first_difference(before, train.run_fingerprint(tiny_config, 'student', 0, distilled=True)) == (
       'distill.hparams.kl.temperature was 4.0, now 2.0')
+
+
+def test_run_dir_of_an_earlier_version_with_every_methods_hparams_is_still_claimed(tiny_config, tmp_path):
+  """Earlier versions stored the hparams of every method in run.json: such a run dir resumes."""
+  tiny_config.distill.terms = 'logits:kl:1.0'
+  wanted = train.run_fingerprint(tiny_config, 'student', 0, distilled=True)
+  older = json.loads(json.dumps(wanted))
+  older['distill']['hparams'] = tiny_config.distill.hparams.to_dict()
+  assert set(older['distill']['hparams']) > {'kl'}
+  checkpoint.write_json(str(tmp_path / 'run' / 'run.json'), older)
+  (tmp_path / 'run' / 'checkpoints').mkdir()
+  with pytest.raises(ValueError, match='holds a run of another config'):  # compared as stored: refused
+    checkpoint.claim_run_dir(str(tmp_path / 'run'), wanted, overwrite=False)
+  checkpoint.claim_run_dir(str(tmp_path / 'run'), wanted, overwrite=False, upgrade=train.current_fingerprint)
+  assert (tmp_path / 'run' / 'checkpoints').exists()
+  assert checkpoint.read_fingerprint(str(tmp_path / 'run')) == wanted

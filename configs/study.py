@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Declared budget, checked before anything trains: at most this many training runs
   # (cells x seeds + baselines x seeds + 1 teacher, finished or not) ...
   config.study.max_runs = 25
-  # ... and at most max_minutes of estimated time at minutes_per_run (measured on 2 loaded CPU cores).
+  # ... and at most max_minutes of estimated time at minutes_per_run (measured on 2 loaded CPU cores at this
+  # config's num_steps; scale it with config.train.num_steps when you change those).
   config.study.minutes_per_run = 0.6
   config.study.max_minutes = 20.0
   # Test metrics of the tables (comma-separated); the first is the one plotted.

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.study.methods = 'all'
   # Seeds of every student run.
   config.study.seeds = '0,1,2,3,4'
-  # Declared budget: training runs, and minutes at minutes_per_run (one GPU).
+  # Declared budget: training runs, and minutes at minutes_per_run (one GPU, at this num_steps).
   config.study.max_runs = 800
   config.study.minutes_per_run = 0.5
   config.study.max_minutes = 480.0

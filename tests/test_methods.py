@@ -409,3 +409,8 @@ def test_readme_example_method_runs_and_matches_float64_huber():
   huber = np.where(error <= 0.5, 0.5 * error**2, 0.5 * (error - 0.25))
   want = np.sum(huber.mean(-1) * mask) / mask.sum()
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  real = np.arange(F) < F - 1  # the last feature is padding (as at the attention level)
+  got = namespace['METHODS'].get(name)(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                                       jnp.asarray(mask, jnp.float32), feature_mask=jnp.asarray(real), delta=0.5)
+  want = np.sum(huber[..., real].mean(-1) * mask) / mask.sum()
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)

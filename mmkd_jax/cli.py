@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 import traceback
-from typing import Iterator
+from typing import Callable, Iterator, NoReturn
 
 from absl import app, flags
 import ml_collections
@@ -18,7 +18,7 @@ import ml_collections
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
   """Ends the process with the one-line error `message`."""
   sys.stderr.write(f'mmkd_jax: error: {message}\n')
   sys.exit(2)
@@ -41,19 +41,14 @@ def _load_config(path: str, argument: str) -> ml_collections.ConfigDict:
   return module.get_config(argument) if argument else module.get_config()
 
 
-def _missing_file(spec: str) -> str:
-  path = spec.partition(':')[0]
+def _missing_file(spec: str, path: str) -> str:
   found = sorted(glob.glob(os.path.join(os.path.dirname(path) or '.', '*.py')))
   return f'--config={spec!r}: no such file; config files there: {", ".join(map(os.path.basename, found)) or "none"}'
 
 
-def explain_override_error(argv: list[str]) -> str | None:
+def explain_override_error(argv: list[str], path: str, argument: str) -> str | None:
   """The one-line reason a command line failed to parse where it overrides a `--config.<key>` that
-  the config lacks; None otherwise."""
-  spec = _config_spec(argv)
-  if spec is None:
-    return None
-  path, _, argument = spec.partition(':')
+  the config at `path` (`get_config(argument)`) lacks; None otherwise."""
   config = _load_config(path, argument)
   for token in argv:
     if not token.startswith('--config.'):
@@ -71,14 +66,15 @@ def explain_override_error(argv: list[str]) -> str | None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), with config errors in one line."""
   spec = _config_spec(argv)
-  if spec is not None and not os.path.isfile(spec.partition(':')[0]):
-    fail(_missing_file(spec))
+  path, _, argument = (spec or '').partition(':')
+  if spec is not None and not os.path.isfile(path):
+    fail(_missing_file(spec, path))
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:  # e.g. --config.train.num_steps=abc
     fail(str(error))
   except Exception:  # config_flags raises AttributeError, KeyError, ... depending on the fault
-    reason = explain_override_error(argv)
+    reason = explain_override_error(argv, path, argument) if spec is not None else None
     if reason is None:
       raise
     fail(reason)
@@ -100,6 +96,9 @@ def one_line_errors() -> Iterator[None]:
     fail(str(error))
 
 
-def run(main) -> None:
-  """`app.run(main)` with the parsing above."""
-  app.run(main, flags_parser=parse_flags)
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)` with the parsing above, and `main`'s own ValueErrors in one line."""
+  def guarded(argv: list[str]) -> None:
+    with one_line_errors():
+      main(argv)
+  app.run(guarded, flags_parser=parse_flags)

@@ -57,7 +57,8 @@ def markdown(results: dict) -> str:
   ]
   for arm, label in (('student', 'student baseline'), ('distilled', 'distilled student')):
     r = results[arm]
-    lines.append(f"| {label} ({results['student_modality']}) | " + ' | '.join(f"{r['mean'][k]:.4f} +- {r['std'][k]:.4f}" for k in keys)
+    lines.append(f"| {label} ({results['student_modality']}) | "
+                 + ' | '.join(f"{r['mean'][k]:.4f} +- {r['std'][k]:.4f}" for k in keys)
                  + f" | {r['params']:,} | {r['latency_ms']:.3f} |")
   lines += ['', 'Gain of distillation (distilled - baseline, means): '
             + ', '.join(f'{k} {v:+.4f}' + (' (lower is better)' if k in evaluate.LOWER_IS_BETTER else '')

@@ -550,8 +550,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   checkpoint.quiet_orbax_logs()
-  with cli.one_line_errors():
-    run_study(flags.FLAGS.config, flags.FLAGS.workdir)
+  run_study(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':

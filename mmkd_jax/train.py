@@ -374,8 +374,8 @@ def drop_logged_steps_after(path: str, step: int) -> None:
 
 def run_label(run_dir: str, role: str) -> str:
   """The run's name in progress lines: '<arm>/seed_<s>' for a seed's run, else the role."""
-  base = os.path.basename(os.path.normpath(run_dir))
-  return f'{os.path.basename(os.path.dirname(os.path.normpath(run_dir)))}/{base}' if base.startswith('seed_') else role
+  parent, base = os.path.split(os.path.normpath(run_dir))
+  return f'{os.path.basename(parent)}/{base}' if base.startswith('seed_') else role
 
 
 def check_teacher_dir(config: ml_collections.ConfigDict, teacher_dir: str) -> None:

@@ -128,14 +128,14 @@ class MultiHeadAttention(nn.Module):
       k, v = jnp.split(dense((2, self.num_heads, head_dim), 'kv')(keys_values), 2, axis=2)
       k, v = k[:, :, 0], v[:, :, 0]
     # float32 logits whatever the compute dtype (bfloat16 q . k would round them before the softmax).
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(
-        jnp.float32)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(head_dim).astype(jnp.float32)
     keys = key_mask[:, None, None, :]
     probs = softmax(jnp.where(keys, logits, jnp.finfo(jnp.float32).min))
     # A query with no real key at all (a missing modality) would spread its softmax evenly over the
     # padding: zero values make its context zero, and the returned probabilities are 0 on masked
     # keys. (Masking v, not probs, costs less in the train step, where the probabilities are unused.)
-    v = jnp.where(key_mask[:, :, None, None], v, 0.0).astype(v.dtype)
+    v = jnp.where(key_mask[:, :, None, None], v, 0.0)
     context = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), v)
     out = Dense(width, axis=(-2, -1), dtype=self.dtype, name='out')(context)
     return out, jnp.where(keys, probs, 0.0)

@@ -204,13 +204,6 @@ def distill_metric_name(term: distill.Term) -> str:
   return f'distill_{term.level}_{term.method}'
 
 
-def metric_names(task: str, dist: Distillation | None) -> list[str]:
-  names = ['loss', 'task_loss', 'grad_norm', 'param_norm', 'nonfinite']
-  names += ['accuracy'] if task == 'classification' else []
-  names += [distill_metric_name(t) for t in dist.terms] if dist else []
-  return names
-
-
 def make_train_step(model: nn.Module, task: str, dist: Distillation | None, mesh: Mesh) -> Callable:
   """The pure step `(state, batch, rng, teacher_params) -> (state, metrics)`.
 
@@ -219,8 +212,6 @@ def make_train_step(model: nn.Module, task: str, dist: Distillation | None, mesh
   through `data_parallel_apply` over `mesh`.
   """
   apply = data_parallel_apply(model, mesh)
-  metrics_cls = clu_metrics.Collection.create(
-      **{name: clu_metrics.Average.from_output(name) for name in metric_names(task, dist)})
 
   def loss_fn(params, batch, rng, teacher_params):
     outputs, taps = apply(params['model'], batch, train=True, rngs={'dropout': rng})
@@ -249,7 +240,7 @@ def make_train_step(model: nn.Module, task: str, dist: Distillation | None, mesh
               'nonfinite': 1.0 - finite.astype(jnp.float32)}
     if task == 'classification':
       values['accuracy'] = jnp.sum((outputs.argmax(-1) == batch['label']) * batch['weight']) / jnp.sum(batch['weight'])
-    return state, metrics_cls.single_from_model_output(**values)
+    return state, step_metrics(values)
 
   return step
 
@@ -307,10 +298,28 @@ class _PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+Metrics = dict[str, clu_metrics.Average]
+
+
+def step_metrics(values: dict[str, Array]) -> Metrics:
+  """One step's scalar metrics as running averages, keyed by name.
+
+  A plain dict of one fixed metric class, not a `clu_metrics.Collection.create` class per
+  trace: jaxlib's PyTreeDef equality ignores the type of registered dataclasses, so jit
+  caches keyed on a collection's tree structure could return another run's collection class
+  whose fields have other names. Dict keys are part of the tree structure's equality.
+  """
+  return {name: clu_metrics.Average.from_model_output(value) for name, value in values.items()}
+
+
 @jax.jit
-def merge_metrics(accumulated: clu_metrics.Collection, new: clu_metrics.Collection) -> clu_metrics.Collection:
+def merge_metrics(accumulated: Metrics, new: Metrics) -> Metrics:
   """Adds a step's metrics to the running sums: one compiled call per step, not an eager op per field."""
-  return accumulated.merge(new)
+  return {name: metric.merge(new[name]) for name, metric in accumulated.items()}
+
+
+def compute_metrics(metrics: Metrics) -> dict[str, float]:
+  return {name: float(metric.compute()) for name, metric in metrics.items()}
 
 
 def shard_local_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -494,9 +503,9 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   with _PreemptionFlag() as preemption:
     for step in range(start_step + 1, num_steps + 1):
       batch = shard_local_batch(next(train_iter), data_sharding)
-      state, step_metrics = step_fn(state, batch, step_rng, teacher_params)
-      if float(step_metrics.nonfinite.total):
-        bad = ', '.join(k for k, v in step_metrics.compute().items() if not np.isfinite(v))
+      state, metrics = step_fn(state, batch, step_rng, teacher_params)
+      if float(metrics['nonfinite'].total):
+        bad = ', '.join(k for k, v in compute_metrics(metrics).items() if not np.isfinite(v))
         if not config.train.skip_nonfinite:
           manager.wait_until_finished()
           raise FloatingPointError(
@@ -506,10 +515,10 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
         skipped += 1
         logging.warning('[%s] skipped step %d: non-finite %s (%d skipped so far)', name, step, bad, skipped)
       else:
-        accumulated = step_metrics if accumulated is None else merge_metrics(accumulated, step_metrics)
+        accumulated = metrics if accumulated is None else merge_metrics(accumulated, metrics)
       is_last = step == num_steps
       if (step % config.train.log_every == 0 or is_last) and accumulated is not None:
-        values = {k: float(v) for k, v in accumulated.compute().items()}
+        values = compute_metrics(accumulated)
         values['skipped_steps'] = skipped
         accumulated = None
         rate = (step - start_step) / (time.perf_counter() - start_time)

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, NoReturn
 from absl import app, flags
 import ml_collections
 
+from mmkd_jax import console
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -99,6 +101,7 @@ def one_line_errors() -> Iterator[None]:
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` with the parsing above, and `main`'s own ValueErrors in one line."""
   def guarded(argv: list[str]) -> None:
+    console.configure()
     with one_line_errors():
       main(argv)
   app.run(guarded, flags_parser=parse_flags)

@@ -8,10 +8,12 @@ module below and register a factory next to the others.
 import dataclasses
 import os
 
+from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmkd_jax import console
 from mmkd_jax.data import mfeat
 from mmkd_jax.data import mult
 from mmkd_jax.data import synthetic
@@ -56,8 +58,10 @@ def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Returns the builder `config.name`, prepared into `config.data_dir` on first use."""
   builder = DATASETS.get(config.name)(config)
   if not builder.is_prepared():
+    logging.info('preparing dataset %s in %s (once)', config.name, builder.data_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
-    builder.download_and_prepare(download_config=download_config)
+    with console.quiet_stdout():
+      builder.download_and_prepare(download_config=download_config)
   return builder
 
 

@@ -80,3 +80,11 @@ def format_difference(stat: dict, digits: int = 4) -> str:
     n = len(stat['differences'])
     return f'{mean} (interval undefined: ' + (f'{n} seeds)' if n < MIN_SEEDS else 'non-finite values)')
   return f'{mean} (no interval)'
+
+
+def summarize(per_seed: Sequence[dict[str, float]]) -> dict:
+  """Per-metric mean, std (population, over seeds) and the per-seed values of `per_seed` metric dicts."""
+  values = {k: [float(r[k]) for r in per_seed] for k in per_seed[0]}
+  return {'mean': {k: float(np.mean(v)) for k, v in values.items()},
+          'std': {k: float(np.std(v)) for k, v in values.items()},
+          'per_seed': values}

@@ -69,8 +69,8 @@ def _significance(paired: dict[str, dict]) -> str:
   if first['interval'] == 'none':
     return 'No interval computed (config.report.interval=none).'
   if first['interval'] == 'undefined' and len(first['differences']) < stats.MIN_SEEDS:
-    return (f'The interval is undefined with {len(first["differences"])} seed(s): at least {stats.MIN_SEEDS} '
-            'are needed.')
+    n = len(first['differences'])
+    return f'The interval is undefined with {n} seed{"s" * (n > 1)}: at least {stats.MIN_SEEDS} are needed.'
   excluding = [k for k, v in paired.items() if v['excludes_zero']]
   if not excluding:
     return 'Every interval includes 0: no significant difference.'

@@ -78,7 +78,7 @@ def format_difference(stat: dict, digits: int = 4) -> str:
     return f'{mean} [{stat["low"]:+.{digits}f}, {stat["high"]:+.{digits}f}]' + (' *' if stat['excludes_zero'] else '')
   if stat['interval'] == 'undefined':
     n = len(stat['differences'])
-    return f'{mean} (interval undefined: ' + (f'{n} seeds)' if n < MIN_SEEDS else 'non-finite values)')
+    return f'{mean} (interval undefined: ' + (f'{n} seed{"s" * (n > 1)})' if n < MIN_SEEDS else 'non-finite values)')
   return f'{mean} (no interval)'
 
 

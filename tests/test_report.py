@@ -90,8 +90,8 @@ def test_fewer_than_three_seeds_print_no_interval(seeds):
   gain = results['gain_paired']['accuracy']
   assert gain['interval'] == 'undefined' and gain['low'] is None and gain['excludes_zero'] is None
   text = report.markdown(results)
-  assert f"accuracy {gain['mean']:+.4f} (interval undefined: {n} seeds)" in text
-  assert f'The interval is undefined with {n} seed(s): at least 3 are needed.' in text
+  assert f"accuracy {gain['mean']:+.4f} (interval undefined: {n} seed{'s' * (n > 1)})" in text
+  assert f"The interval is undefined with {n} seed{'s' * (n > 1)}: at least 3 are needed." in text
   assert '[' not in text
 
 

@@ -59,7 +59,7 @@ def test_one_or_two_seeds_give_no_interval(treated, control):
   assert got['low'] is None and got['high'] is None and got['excludes_zero'] is None
   assert got['mean'] == pytest.approx(sum(treated) / len(treated) - sum(control) / len(control), abs=1e-15)
   text = stats.format_difference(got)
-  assert text == f'{got["mean"]:+.4f} (interval undefined: {len(treated)} seeds)'
+  assert text == f'{got["mean"]:+.4f} (interval undefined: {len(treated)} seed{"s" * (len(treated) > 1)})'
   with pytest.raises(ValueError, match='needs at least 3 paired seeds'):
     stats.paired_difference(treated, control, interval='student_t')
 

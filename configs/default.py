@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.report = ml_collections.ConfigDict()
   # Student seeds of the comparison (comma-separated): mean +- std over them in the report.
   config.report.seeds = '0,1,2'
+  # Confidence interval of every gain (paired by seed, see mmkd_jax/stats.py): 'auto' (95% Student-t
+  # from 3 seeds on, reported as undefined below), 'student_t' (fewer than 3 seeds is a config error)
+  # or 'none'.
+  config.report.interval = 'auto'
   # Latency: median of this many jitted forward calls on a batch of this size.
   config.report.latency_batch_size = 100
   config.report.latency_repeats = 50

@@ -22,7 +22,7 @@ import io
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 import jax
@@ -30,7 +30,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from mmkd_jax import checkpoint, cli, data, distill, evaluate, export, runtime, train, validation
+from mmkd_jax import checkpoint, cli, data, distill, evaluate, export, reference, runtime, stats, train, validation
 from mmkd_jax.data import pipeline
 from mmkd_jax.registry import Registry
 
@@ -344,7 +344,10 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    levels=list(cell.levels), method=cell.method, terms=cell.terms),
         'export': export_path, 'export_seed': grid.seeds[best]})
 
-  results = collect(config, info, grid, workdir)
+  # Classical reference rows: linear models on the teacher's inputs and each student modality, the grid's seeds.
+  references = reference.fit_references(builder, info, validation.teacher_modalities(config),
+                                        [m for m, _ in grid.students], grid.seeds)
+  results = collect(config, info, grid, workdir, references)
   write_tables(results, workdir)
   write_plots(results, config, workdir)
   logging.info('study written to %s', os.path.join(workdir, 'study.md'))
@@ -356,46 +359,65 @@ def _stats(per_seed: list[dict], metric: str) -> tuple[float, float]:
   return float(np.mean(values)), float(np.std(values))
 
 
-def _row(kind: str, name: str, inputs: str, width: int, per_seed: list[dict], metrics: tuple[str, ...],
-         params: int, latency_ms: float, levels: str = '', method: str = '',
-         baseline: list[dict] | None = None) -> dict:
-  """One table row: mean and std (None for a single run) of each metric, and the gain over `baseline`."""
+def _row(kind: str, name: str, inputs: str, width: int | None, per_seed: list[dict], metrics: tuple[str, ...],
+         params: int, latency_ms: float | None, levels: str = '', method: str = '',
+         baseline: list[dict] | None = None, interval: str = 'auto') -> dict:
+  """One table row: mean and std (None for a single run) of each metric and, against `baseline` (the
+  runs of the same seeds, in the same order), the paired gain: the mean of the per-seed differences,
+  its interval (`stats.paired_difference`), whether that excludes 0 (all None without a baseline)."""
   row = {'kind': kind, 'model': name, 'inputs': inputs, 'width': width, 'levels': levels, 'method': method,
          'seeds': len(per_seed)}
   for metric in metrics:
     mean, std = _stats(per_seed, metric)
     row[f'{metric}_mean'] = mean
-    row[f'{metric}_std'] = std if kind in ('baseline', 'distilled') else None
+    row[f'{metric}_std'] = std if kind in ('baseline', 'distilled', 'reference') else None
   for metric in metrics:
-    row[f'gain_{metric}'] = _stats(per_seed, metric)[0] - _stats(baseline, metric)[0] if baseline else None
+    gain = (stats.paired_difference([r[metric] for r in per_seed], [r[metric] for r in baseline], interval)
+            if baseline else dict.fromkeys(('mean', 'low', 'high', 'excludes_zero', 'interval')))
+    row[f'gain_{metric}'] = gain['mean']
+    for key in ('low', 'high', 'excludes_zero', 'interval'):
+      row[f'gain_{metric}_{key}'] = gain[key]
   row['params'], row['latency_ms'] = params, latency_ms
   return row
 
 
-def collect(config: ml_collections.ConfigDict, info: data.TaskInfo, grid: Plan, workdir: str) -> dict:
-  """Reads the stored results of the grid into table rows, the best cell and its exported latency."""
+def collect(config: ml_collections.ConfigDict, info: data.TaskInfo, grid: Plan, workdir: str,
+            references: Sequence[dict] = ()) -> dict:
+  """Reads the stored results of the grid into table rows, the best cell and its exported latency.
+
+  `references` (`reference.fit_references` with the grid's seeds) become rows after the teacher's.
+  """
   teacher = checkpoint.read_json(result_path(workdir, 'teacher'))
   baselines = {s: checkpoint.read_json(result_path(workdir, s)) for s in grid.students}
   cells = {c: checkpoint.read_json(result_path(workdir, c)) for c in grid.cells}
   metrics = grid.metrics
+  interval = config.report.interval
   rows = [_row('teacher', 'teacher', '+'.join(teacher['modalities']), teacher['width'], teacher['test'],
                metrics, teacher['params'], teacher['latency_ms'])]
   for m, values in teacher['missing'].items():
     inputs = '+'.join(o for o in teacher['modalities'] if o != m)
     rows.append(_row('teacher_missing', f'teacher, {m} removed', inputs, teacher['width'], [values], metrics,
                      teacher['params'], teacher['latency_ms']))
+  for r in references:
+    per_seed = [{m: r['test']['per_seed'][m][i] for m in metrics} for i in range(len(r['seeds']))]
+    rows.append(_row('reference', r['model'], r['inputs'], None, per_seed, metrics, r['params'], None))
   for (modality, width), b in baselines.items():
     rows.append(_row('baseline', b['id'], modality, width, b['test'], metrics, b['params'], b['latency_ms']))
     for cell, stored in cells.items():
       if (cell.modality, cell.width) == (modality, width):
+        if stored['seeds'] != b['seeds']:
+          raise ValueError(f'cell {cell.id} has seeds {stored["seeds"]}, its baseline {b["seeds"]}: no pairs')
         # Same architecture as the baseline: the same compiled forward pass, hence its latency.
         rows.append(_row('distilled', cell.id, modality, width, stored['test'], metrics, stored['params'],
-                         b['latency_ms'], '+'.join(cell.levels), cell.method, baseline=b['test']))
+                         b['latency_ms'], '+'.join(cell.levels), cell.method, baseline=b['test'],
+                         interval=interval))
   best = max(cells, key=lambda c: np.mean([evaluate.score(info.task, v) for v in cells[c]['validation']]))
   export_path = os.path.join(workdir, cells[best]['export'])
   return {
       'dataset': config.data.name, 'task': info.task, 'teacher_modalities': config.teacher.modalities,
       'num_steps': config.train.num_steps, 'seeds': list(grid.seeds), 'metrics': list(metrics),
+      'interval': {'setting': interval, 'method': stats.METHOD, 'confidence': stats.CONFIDENCE,
+                   'min_seeds': stats.MIN_SEEDS, 'description': stats.describe(interval)},
       'latency_batch_size': config.report.latency_batch_size, 'rows': rows,
       'skipped': [{'cells': c, 'reason': r} for c, r in grid.skipped],
       'best': best.id,
@@ -423,6 +445,16 @@ def _md_value(row: dict, metric: str) -> str:
   return f'{mean:.4f}' if std is None else f'{mean:.4f} +- {std:.4f}'
 
 
+def _md_gain(row: dict, metric: str) -> str:
+  """The paired gain with its interval, '*' when that excludes 0; '-' without a baseline."""
+  if row[f'gain_{metric}'] is None:
+    return '-'
+  return stats.format_difference({
+      'mean': row[f'gain_{metric}'], 'low': row[f'gain_{metric}_low'], 'high': row[f'gain_{metric}_high'],
+      'excludes_zero': row[f'gain_{metric}_excludes_zero'], 'interval': row[f'gain_{metric}_interval'],
+      'differences': [None] * row['seeds']})
+
+
 def markdown(results: dict) -> str:
   """study.md: the table, the skipped cells and the exported student."""
   metrics = results['metrics']
@@ -431,20 +463,22 @@ def markdown(results: dict) -> str:
   lines = [
       f'# mmkd_jax study: {results["dataset"]}', '',
       f'Teacher on `{results["teacher_modalities"]}` (one run), evaluated whole and with each modality removed '
-      '(its features zeroed and all its tokens masked). Students: mean +- std over seeds '
-      f'{",".join(map(str, results["seeds"]))}, {results["num_steps"]} steps per run; a distilled cell at '
-      'levels `a+b` adds one term of weight 1 per level, all with its method. Gain: distilled minus the '
-      'baseline of the same modality and width (means over the same seeds). Test split, best validation '
-      'checkpoint.', '',
+      '(its features zeroed and all its tokens masked). Reference rows: linear models on the flattened features '
+      '(padded tokens 0), L2 strength chosen on the validation split, one fit per seed. Students and reference '
+      f'rows: mean +- std over seeds {",".join(map(str, results["seeds"]))}, {results["num_steps"]} steps per '
+      'run; a distilled cell at levels `a+b` adds one term of weight 1 per level, all with its method. Gain: '
+      'distilled minus the baseline of the same modality and width at the same seed; the mean of these paired '
+      f'differences and [its interval], * where the interval excludes 0. {results["interval"]["description"]} '
+      'Test split, best validation checkpoint.', '',
       '| ' + ' | '.join(header) + ' |',
       '|---' * len(header) + '|',
   ]
   for row in results['rows']:
-    gains = [f'{row[f"gain_{m}"]:+.4f}' if row[f'gain_{m}'] is not None else '-' for m in metrics]
     lines.append('| ' + ' | '.join(
-        [row['model'] if row['kind'].startswith('teacher') else row['kind'], row['inputs'], str(row['width']),
-         row['levels'] or '-', row['method'] or '-'] + [_md_value(row, m) for m in metrics] + gains
-        + [f'{row["params"]:,}', f'{row["latency_ms"]:.3f}']) + ' |')
+        [row['model'] if row['kind'] in ('teacher', 'teacher_missing', 'reference') else row['kind'],
+         row['inputs'], '-' if row['width'] is None else str(row['width']), row['levels'] or '-',
+         row['method'] or '-'] + [_md_value(row, m) for m in metrics] + [_md_gain(row, m) for m in metrics]
+        + [f'{row["params"]:,}', '-' if row['latency_ms'] is None else f'{row["latency_ms"]:.3f}']) + ' |')
   e = results['export']
   lines += ['', f'Best cell by mean validation score: `{results["best"]}`. Its seed-{e["seed"]} student is '
             f'exported to `{e["path"]}` ({e["bytes"] / 1024:.0f} KiB of StableHLO with the weights inside; '

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from tensorboardX import SummaryWriter
 
-from mmkd_jax import checkpoint, data, distill, evaluate, optimizers, report, runtime, validation
+from mmkd_jax import checkpoint, data, distill, evaluate, optimizers, reference, report, runtime, validation
 from mmkd_jax.data import pipeline
 from mmkd_jax.models import MODELS
 
@@ -603,11 +603,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     runs['distilled'].append(train_run(config, 'student', os.path.join(workdir, 'distilled', f'seed_{seed}'),
                                        seed, builder, info, teacher=(teacher.model, teacher.params['model']),
                                        terms=terms))
+  # Classical reference rows: linear models on the teacher's inputs and the student's, with the same seeds.
+  references = reference.fit_references(builder, info, validation.teacher_modalities(config),
+                                        [config.student.modality], validation.seeds(config))
   results = report.build(
       config, info,
       teacher=teacher, students=runs['student'], distilled=runs['distilled'],
       teacher_latency=latency(teacher.model, teacher.params, info, config),
-      student_latency=latency(runs['student'][0].model, runs['student'][0].params, info, config))
+      student_latency=latency(runs['student'][0].model, runs['student'][0].params, info, config),
+      references=references)
   report.write(results, workdir)
   logging.info('report written to %s', os.path.join(workdir, 'report.md'))
   return results

@@ -7,7 +7,8 @@ import os
 
 import ml_collections
 
-from mmkd_jax import data, distill, optimizers, runtime
+from mmkd_jax import data, distill, optimizers, runtime, stats
+from mmkd_jax.errors import ConfigError
 
 JOBS = ('teacher', 'student', 'distill')
 WIDTH_AGNOSTIC_METHODS = ('attention_transfer', 'relational')
@@ -17,16 +18,29 @@ def teacher_modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(m.strip() for m in config.teacher.modalities.split(',') if m.strip())
 
 
-def seeds(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The report's seeds: distinct integers, at least one."""
-  spec = config.report.seeds
+def seeds(config: ml_collections.ConfigDict, key: str = 'report.seeds') -> tuple[int, ...]:
+  """The seeds of `config.<key>`: distinct integers, at least one, and as many as `config.report.interval` needs."""
+  section, field = key.split('.')
+  spec = config[section][field]
+  example = "'0,1,2,3,4' (each seed is one baseline and one distilled run)"
   try:
     values = tuple(int(s) for s in str(spec).split(',') if s.strip())
   except ValueError:
     values = ()
-  if not values or len(set(values)) != len(values):
-    raise ValueError(f'config.report.seeds={spec!r}: expected distinct comma-separated integers such as '
-                     "'0,1,2' (each seed is one baseline and one distilled run)")
+  if not values:
+    raise ConfigError(f'config.{key}={spec!r}: expected distinct comma-separated integers such as {example}')
+  repeated = sorted({v for v in values if values.count(v) > 1})
+  if repeated:
+    raise ConfigError(f'config.{key}={spec!r}: expected distinct comma-separated integers such as {example}; '
+                      + (f'seed {repeated[0]} is' if len(repeated) == 1 else f'seeds {", ".join(map(str, repeated))} are')
+                      + ' given twice')
+  interval = config.report.interval
+  if interval not in stats.INTERVALS:
+    raise ConfigError(f'config.report.interval={interval!r} is unknown; valid choices: {", ".join(stats.INTERVALS)}')
+  if interval == 'student_t' and len(values) < stats.MIN_SEEDS:
+    raise ConfigError(f'config.{key}={spec!r} gives {len(values)} seed{"s" * (len(values) > 1)}; '
+                      f"config.report.interval='student_t' needs at least {stats.MIN_SEEDS} (or set it to 'auto', "
+                      "which reports the interval as undefined below that, or to 'none')")
   return values
 
 

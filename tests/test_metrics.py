@@ -136,7 +136,7 @@ def test_report_names_the_modalities_and_says_which_gains_are_better_lower():
   from mmkd_jax import report
   config = ml_collections.ConfigDict({
       'data': {'name': 'mosi'}, 'teacher': {'modalities': 'text,audio,vision'}, 'student': {'modality': 'audio'},
-      'distill': {'terms': 'hidden:mse:1.0'}, 'report': {'seeds': '0,1', 'latency_batch_size': 8},
+      'distill': {'terms': 'hidden:mse:1.0'}, 'report': {'seeds': '0,1', 'interval': 'auto', 'latency_batch_size': 8},
       'train': {'num_steps': 10}})
   run = lambda mae, corr: SimpleNamespace(test={'mae': mae, 'corr': corr}, num_params=10)
   results = report.build(config, SimpleNamespace(task='regression'), teacher=run(0.5, 0.9),
@@ -145,4 +145,5 @@ def test_report_names_the_modalities_and_says_which_gains_are_better_lower():
   text = report.markdown(results)
   assert '| teacher (text + audio + vision) | 0.5000 | 0.9000 |' in text
   assert '| student baseline (audio) | 0.9000 +- 0.1000 | 0.3000 +- 0.1000 |' in text
-  assert 'mae -0.2000 (lower is better), corr +0.1000.' in text
+  assert ('mae -0.2000 (interval undefined: 2 seeds) (lower is better), corr +0.1000 (interval undefined: 2 seeds).'
+          in text)

@@ -11,7 +11,7 @@ import pytest
 from configs import distill as distill_config
 from configs import study as study_config
 from configs import study_full
-from mmkd_jax import data, export, study, train
+from mmkd_jax import data, export, stats, study, train
 from mmkd_jax.models import Student
 
 METRICS = ('accuracy', 'macro_f1')
@@ -50,25 +50,65 @@ def _recording(calls: list, workdir: str, interrupt_at: str | None = None):
 def _check_tables(workdir: str) -> None:
   with open(os.path.join(workdir, 'study.csv'), newline='') as f:
     rows = list(csv.DictReader(f))
-  assert [r['kind'] for r in rows] == ['teacher', 'teacher_missing', 'teacher_missing', 'baseline',
-                                       'distilled', 'distilled', 'distilled']
+  assert [r['kind'] for r in rows] == ['teacher', 'teacher_missing', 'teacher_missing', 'reference', 'reference',
+                                       'baseline', 'distilled', 'distilled', 'distilled']
   assert [r['model'] for r in rows[-3:]] == ['m0-w8-logits-kl', 'm0-w8-logits-mse', 'm0-w8-hidden-mse']
+  assert [(r['model'], r['inputs']) for r in rows[3:5]] == [('multinomial logistic regression', 'm0+m1'),
+                                                             ('multinomial logistic regression', 'm0')]
   for row in rows:
     assert None not in row and None not in row.values()  # every row has exactly the header's fields
     for metric in METRICS:
       assert 0.0 <= float(row[f'{metric}_mean']) <= 1.0
     assert (row['gain_accuracy'] != '') == (row['kind'] == 'distilled')
-    assert (row['accuracy_std'] != '') == (row['kind'] in ('baseline', 'distilled'))
-    assert int(row['params']) > 0 and float(row['latency_ms']) > 0
+    # One seed: the interval is undefined, and no number is given for it.
+    assert row['gain_accuracy_interval'] == ('undefined' if row['kind'] == 'distilled' else '')
+    assert row['gain_accuracy_low'] == row['gain_accuracy_high'] == row['gain_accuracy_excludes_zero'] == ''
+    assert (row['accuracy_std'] != '') == (row['kind'] in ('baseline', 'distilled', 'reference'))
+    assert int(row['params']) > 0 and (row['latency_ms'] == '') == (row['kind'] == 'reference')
   assert rows[1]['inputs'] == 'm1' and rows[2]['inputs'] == 'm0'  # teacher with m0, then m1, removed
-  gain = float(rows[4]['accuracy_mean']) - float(rows[3]['accuracy_mean'])
-  assert float(rows[4]['gain_accuracy']) == pytest.approx(gain, abs=1e-5)
+  gain = float(rows[6]['accuracy_mean']) - float(rows[5]['accuracy_mean'])
+  assert float(rows[6]['gain_accuracy']) == pytest.approx(gain, abs=1e-5)
   lines = open(os.path.join(workdir, 'study.md')).read().splitlines()
   table = [line for line in lines if line.startswith('|')]
   assert len(table) == 2 + len(rows)
   assert len({line.count('|') for line in table}) == 1
   assert '| teacher, m1 removed | m0 |' in '\n'.join(table)
+  assert '| multinomial logistic regression | m0+m1 | - | - | - |' in '\n'.join(table)
+  assert f'| {gain:+.4f} (interval undefined: 1 seed) |' in table[8]
   assert any('hidden x kl' in line for line in lines)
+
+
+def test_table_cells_carry_the_paired_gain_and_its_interval(tmp_path):
+  """Five seeds: each gain cell has the mean of the paired differences, its Student-t interval and whether
+  that excludes 0 (marked * in study.md); the values are those of stats.paired_difference."""
+  baseline = [{'accuracy': a, 'macro_f1': a} for a in (0.80, 0.75, 0.78, 0.81, 0.76)]
+  better = [{'accuracy': a, 'macro_f1': a} for a in (0.83, 0.78, 0.80, 0.84, 0.785)]
+  noisy = [{'accuracy': a, 'macro_f1': a} for a in (0.82, 0.74, 0.81, 0.81, 0.775)]
+  rows = [study._row('baseline', 'fou-w32', 'fou', 32, baseline, METRICS, 100, 1.0)]
+  rows += [study._row('distilled', name, 'fou', 32, runs, METRICS, 100, 1.0, 'hidden', 'mse', baseline=baseline)
+           for name, runs in (('better', better), ('noisy', noisy))]
+  for name, runs in (('better', better), ('noisy', noisy)):
+    row = next(r for r in rows if r['model'] == name)
+    expected = stats.paired_difference([r['accuracy'] for r in runs], [r['accuracy'] for r in baseline])
+    assert (row['gain_accuracy'], row['gain_accuracy_low'], row['gain_accuracy_high'],
+            row['gain_accuracy_excludes_zero'], row['gain_accuracy_interval']) == (
+                expected['mean'], expected['low'], expected['high'], expected['excludes_zero'], 'student_t')
+  assert [r['gain_accuracy_excludes_zero'] for r in rows] == [None, True, False]
+  results = {'dataset': 'mfeat', 'teacher_modalities': 'fou,pix', 'seeds': [0, 1, 2, 3, 4], 'num_steps': 10,
+             'metrics': list(METRICS), 'latency_batch_size': 8, 'rows': rows, 'skipped': [], 'best': 'better',
+             'interval': {'description': stats.describe('auto')}, 'seconds': 60.0,
+             'export': {'seed': 0, 'path': 'export/better.npz', 'bytes': 1024, 'latency_ms': 1.0,
+                        'in_memory_latency_ms': 1.0}}
+  study.write_tables(results, str(tmp_path))
+  with open(tmp_path / 'study.csv', newline='') as f:
+    stored = list(csv.DictReader(f))
+  assert [r['gain_accuracy_excludes_zero'] for r in stored] == ['', 'True', 'False']
+  assert float(stored[1]['gain_accuracy_low']) == pytest.approx(rows[1]['gain_accuracy_low'], rel=1e-5)
+  table = [line for line in (tmp_path / 'study.md').read_text().splitlines() if line.startswith('| ')]
+  better_row, noisy_row = rows[1], rows[2]
+  assert (f"| {better_row['gain_accuracy']:+.4f} [{better_row['gain_accuracy_low']:+.4f}, "
+          f"{better_row['gain_accuracy_high']:+.4f}] * |") in table[2]
+  assert f"[{noisy_row['gain_accuracy_low']:+.4f}, {noisy_row['gain_accuracy_high']:+.4f}] |" in table[3]
 
 
 def test_grid_resumes_after_interruption_and_writes_tables(config, tmp_path, monkeypatch):

@@ -28,9 +28,15 @@ def test_distill_job_trains_checkpoints_and_reports(tiny_config, tmp_path):
     assert 0.0 <= results[arm]['mean']['accuracy'] <= 1.0
   assert results['teacher']['params'] > results['student']['params']
   with open(os.path.join(workdir, 'report.json')) as f:
-    assert json.load(f)['terms'] == tiny_config.distill.terms
+    stored = json.load(f)
+  assert stored['terms'] == tiny_config.distill.terms
+  assert [(r['of'], r['inputs'], r['seeds']) for r in stored['references']] == [('teacher', 'm0+m1', [0]),
+                                                                                ('student', 'm0', [0])]
+  assert stored['gain_paired']['accuracy']['interval'] == 'undefined'  # one seed
+  assert set(stored['versus_reference']) == {'student', 'distilled'}
   report = open(os.path.join(workdir, 'report.md')).read()
   assert '| distilled student (m0) |' in report and '| teacher (m0 + m1) |' in report
+  assert '| multinomial logistic regression (m0 + m1) |' in report
   # Each run directory keeps its checkpoints (latest + best) and TensorBoard events.
   run_dir = os.path.join(workdir, 'distilled', 'seed_0')
   assert os.listdir(os.path.join(run_dir, 'checkpoints'))

@@ -1,10 +1,11 @@
 """Every config error is one line naming the key, the bad value and what is allowed, before training."""
 import json
 
+import ml_collections
 import pytest
 
 from configs import study as study_config
-from mmkd_jax import checkpoint, data, train, validation
+from mmkd_jax import checkpoint, data, errors, train, validation
 
 
 def _set(config, key: str, value) -> None:
@@ -47,7 +48,11 @@ CASES = [
     ('teacher.modalities', 'm0', "config.teacher.modalities='m0': the teacher needs at least two"),
     ('report.seeds', '0,x', "config.report.seeds='0,x': expected distinct comma-separated integers"),
     ('report.seeds', '', "config.report.seeds='': expected distinct comma-separated integers"),
-    ('report.seeds', '0,1,0', "config.report.seeds='0,1,0': expected distinct comma-separated integers"),
+    ('report.seeds', '0,1,0', "config.report.seeds='0,1,0': expected distinct comma-separated integers such as "
+     "'0,1,2,3,4' (each seed is one baseline and one distilled run); seed 0 is given twice"),
+    ('report.seeds', '3,1,3,1,2', 'seeds 1, 3 are given twice'),
+    ('report.interval', 'bootstrap', "config.report.interval='bootstrap' is unknown; valid choices: auto, student_t, "
+     'none'),
     ('student.dropout_rate', 1.5, 'config.student.dropout_rate=1.5 must be < 1'),
     ('teacher.dropout_rate', 1.0, 'config.teacher.dropout_rate=1.0 must be < 1'),
     ('train.warmup_steps', 7, 'config.train.warmup_steps=7 is more than config.train.num_steps=6'),
@@ -66,6 +71,29 @@ def test_config_errors_name_key_and_value(tiny_config, key, value, message):
     validation.check_against_data(tiny_config, INFO)
   assert message in str(error.value)
   assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('seeds, interval', [('0', 'auto'), ('0,1', 'auto'), ('0,1', 'none'), ('0,1,2', 'student_t')])
+def test_intervals_accept_these_seeds(tiny_config, seeds, interval):
+  tiny_config.report.seeds, tiny_config.report.interval = seeds, interval
+  validation.check_config(tiny_config)
+
+
+@pytest.mark.parametrize('seeds, count', [('0', '1 seed'), ('4,7', '2 seeds')])
+def test_too_few_seeds_for_an_asked_interval_is_one_line(tiny_config, seeds, count):
+  tiny_config.report.seeds, tiny_config.report.interval = seeds, 'student_t'
+  with pytest.raises(errors.ConfigError) as error:
+    validation.check_config(tiny_config)
+  assert str(error.value) == (f"config.report.seeds={seeds!r} gives {count}; config.report.interval='student_t' "
+                              "needs at least 3 (or set it to 'auto', which reports the interval as undefined below "
+                              "that, or to 'none')")
+
+
+def test_seeds_of_another_key_name_that_key(tiny_config):
+  tiny_config.report.seeds = '0'
+  tiny_config.study = ml_collections.ConfigDict({'seeds': '2,2'})
+  with pytest.raises(errors.ConfigError, match=r"^config.study.seeds='2,2': .*; seed 2 is given twice$"):
+    validation.seeds(tiny_config, 'study.seeds')
 
 
 DATA_CASES = [

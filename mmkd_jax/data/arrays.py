@@ -71,19 +71,26 @@ def split_path(directory: str, split: str) -> str:
 def read_npz(path: str) -> SplitArrays:
   """All arrays of the .npz file at `path`, refusing pickled objects; one line per failure."""
   filename = os.path.basename(path)
+  # Anything but a zip archive numpy would read as one .npy array or try to unpickle.
+  if not zipfile.is_zipfile(path):
+    raise ConfigError(f'{filename}: is not a .npz (zip) archive, expected named arrays written '
+                      'with np.savez')
   try:
-    with np.load(path, allow_pickle=False) as npz:
-      keys = list(npz.keys())
-      arrays = {}
-      for key in keys:
-        try:
-          arrays[key] = npz[key]
-        except ValueError as error:  # Object arrays need pickle, which is never allowed.
-          raise _fail(filename, key, f'cannot be read without pickle ({error}); expected a '
-                      'numeric array') from None
-  except (zipfile.BadZipFile, OSError, EOFError) as error:
-    raise ConfigError(f'{filename}: cannot be read as a .npz file ({error}); write it with '
-                      'np.savez') from None
+    npz = np.load(path, allow_pickle=False)
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+    raise ConfigError(f'{filename}: cannot be read as a .npz file ({error}), expected named '
+                      'arrays written with np.savez') from None
+  arrays = {}
+  with npz:
+    for key in npz.keys():
+      try:
+        arrays[key] = npz[key]
+      except ValueError:  # Object arrays need pickle, which is never allowed.
+        raise _fail(filename, key, 'cannot be read without pickle (an object array), expected a '
+                    'numeric array') from None
+      except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise _fail(filename, key, f'cannot be read ({error}), expected an array written by '
+                    'np.savez') from None
   return arrays
 
 
@@ -245,10 +252,11 @@ def validate(raw: dict[str, SplitArrays], options: Options) -> tuple[dict[str, S
   num_classes, names = options.num_classes, options.label_names
   if task == 'classification':
     if not num_classes:
-      num_classes = len(names) or 1 + max(int(result[s][LABEL].max()) for s in SPLITS)
+      num_classes = 1 + max(int(result[s][LABEL].max()) for s in SPLITS)
     if names and len(names) != num_classes:
       raise ConfigError(f'config.data.arrays.label_names has {len(names)} names, expected '
-                        f'{num_classes}, one per class')
+                        f'{num_classes}, one per class (set data.arrays.num_classes for classes '
+                        'absent from the files)')
     if num_classes < 2:
       raise _fail(split_filename('train'), LABEL, 'has only class 0, expected at least 2 classes')
     for split in SPLITS:

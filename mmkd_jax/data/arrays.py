@@ -148,7 +148,7 @@ def _labels(filename: str, value: np.ndarray, task: str, n: int) -> np.ndarray:
   if task == 'regression':
     if value.shape not in ((n,), (n, 1)):
       raise _fail(filename, LABEL, f'has shape {value.shape}, expected ({n},) or ({n}, 1): one '
-                  'regression target per example')
+                  "regression target per example (for 0/1 flags set data.arrays.task='multilabel')")
     return value.reshape(n).astype(np.float32)
   if value.ndim != 2:
     raise _fail(filename, LABEL, f'has shape {value.shape}, expected ({n}, K) 0/1 flags for multilabel')
@@ -208,9 +208,9 @@ def options_from_config(config: ml_collections.ConfigDict) -> Options:
   if section.task not in TASKS:
     raise ConfigError(f'config.data.arrays.task={section.task!r} is unknown; valid choices: '
                       f"{', '.join(TASKS)}")
-  if not isinstance(section.num_classes, int) or section.num_classes < 0:
+  if not isinstance(section.num_classes, int) or section.num_classes < 0 or section.num_classes == 1:
     raise ConfigError(f'config.data.arrays.num_classes={section.num_classes!r} must be an integer '
-                      '>= 0 (0: inferred from the labels)')
+                      '>= 2, or 0 to infer it from the labels')
   names = tuple(name.strip() for name in section.label_names.split(',') if name.strip())
   if len(set(names)) != len(names):
     raise ConfigError(f'config.data.arrays.label_names={section.label_names!r} repeats a name')

@@ -1,6 +1,6 @@
 """Evaluation: predictions over a split, task metrics, the validation score and latency."""
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -21,8 +21,13 @@ def predict(predict_fn: Callable[[Any, dict], Array], params: Any, batches: Iter
   return np.concatenate(outputs), np.concatenate(labels)
 
 
-def compute_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """The task's metrics: accuracy and macro-F1 for classification, MulT's metrics otherwise."""
+def compute_metrics(task: str, outputs: np.ndarray, labels: np.ndarray,
+                    label_names: Sequence[str] = ()) -> dict[str, float]:
+  """The task's metrics: accuracy and macro-F1 for classification, MulT's metrics otherwise.
+
+  Multilabel metrics are per flag, named by `label_names` or, without them, by
+  `metrics.multilabel_names`.
+  """
   if task == 'classification':
     pred = outputs.argmax(-1)
     return {'accuracy': metrics.accuracy(pred, labels),
@@ -30,7 +35,8 @@ def compute_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[
   if task == 'regression':
     return metrics.sentiment_metrics(outputs.reshape(-1), labels.reshape(-1))
   if task == 'multilabel':
-    return metrics.emotion_metrics(outputs, labels)
+    names = tuple(label_names) or metrics.multilabel_names(labels.shape[-1])
+    return metrics.emotion_metrics(outputs, labels, names)
   raise ValueError(f'unknown task {task!r}; valid choices: classification, multilabel, regression')
 
 

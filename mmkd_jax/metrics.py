@@ -145,25 +145,33 @@ def sentiment_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
   }
 
 
-def emotion_metrics(logits_or_pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
-  """IEMOCAP per-emotion accuracy and weighted F1 (`neutral_acc`, `neutral_f1`, ...).
+def emotion_metrics(logits_or_pred: np.ndarray, label: np.ndarray,
+                    names: tuple[str, ...] = IEMOCAP_EMOTIONS) -> dict[str, float]:
+  """Per-flag accuracy and weighted F1 of multilabel outputs (`neutral_acc`, `neutral_f1`, ...).
 
-  The model emits 4 logits per example, one per emotion in `IEMOCAP_EMOTIONS` order,
-  and an emotion is predicted present when its logit is > 0; 0/1 predictions work
-  unchanged. This equals MulT's argmax over a 2-way output when the logit is the
-  difference of the two scores. `label` is (N, 4) of 0/1. Each emotion is scored as
-  its own binary task, with F1 weighted by label counts as MulT does.
+  The model emits one logit per flag, in `names` order (IEMOCAP's four emotions by
+  default), and a flag is predicted present when its logit is > 0; 0/1 predictions work
+  unchanged. For IEMOCAP this equals MulT's argmax over a 2-way output when the logit is
+  the difference of the two scores. `label` is (N, len(names)) of 0/1. Each flag is
+  scored as its own binary task, with F1 weighted by label counts as MulT does.
   """
   scores, label = np.asarray(logits_or_pred), np.asarray(label)
-  shape = (label.shape[0] if label.ndim else 0, len(IEMOCAP_EMOTIONS))
+  shape = (label.shape[0] if label.ndim else 0, len(names))
   if label.shape != shape or scores.shape != shape:
     raise ValueError(f'expected pred and label of shape (N, {shape[1]}), got '
                      f'{scores.shape} and {label.shape}')
   if not np.all((label == 0) | (label == 1)):
-    raise ValueError('IEMOCAP labels must be 0 or 1')
+    raise ValueError('multilabel labels must be 0 or 1')
   pred = scores > 0
   metrics = {}
-  for i, emotion in enumerate(IEMOCAP_EMOTIONS):
-    metrics[f'{emotion}_acc'] = accuracy(pred[:, i], label[:, i])
-    metrics[f'{emotion}_f1'] = weighted_f1(pred[:, i], label[:, i], 2)
+  for i, name in enumerate(names):
+    metrics[f'{name}_acc'] = accuracy(pred[:, i], label[:, i])
+    metrics[f'{name}_f1'] = weighted_f1(pred[:, i], label[:, i], 2)
   return metrics
+
+
+def multilabel_names(num_flags: int) -> tuple[str, ...]:
+  """Metric names of `num_flags` unnamed flags: IEMOCAP's emotions for 4, else 'label0', ...."""
+  if num_flags == len(IEMOCAP_EMOTIONS):
+    return IEMOCAP_EMOTIONS
+  return tuple(f'label{i}' for i in range(num_flags))

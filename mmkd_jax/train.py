@@ -349,7 +349,9 @@ def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, dis
   """The config that shapes one run's checkpoints; a run dir never mixes two of them."""
   fingerprint = {
       'role': role, 'seed': seed, role: config[role].to_dict(),
-      'data': {k: v for k, v in config.data.to_dict().items() if k not in ('data_dir', 'manual_dir')},
+      # Another dataset's options (config.data.arrays unless name='arrays') do not shape the run.
+      'data': {k: v for k, v in config.data.to_dict().items()
+               if k not in ('data_dir', 'manual_dir') and not (k == 'arrays' and config.data.name != 'arrays')},
       'train': {k: v for k, v in config.train.to_dict().items()
                 if k not in ('log_every', 'eval_batch_size', 'skip_nonfinite')},
   }

@@ -89,7 +89,7 @@ def test_background_checkpoint_holds_the_state_of_its_step_while_training_donate
     ('distill.terms', 'logits:kld:1', "unknown distillation method 'kld'"),
     ('student.modality', 'm7', "config.student.modality='m7' is unknown; valid choices: m0, m1"),
     ('teacher.modalities', 'm0,audio', "config.teacher.modalities='audio' is unknown"),
-    ('data.name', 'mnist', "config.data.name='mnist' is unknown; valid choices: iemocap, mfeat"),
+    ('data.name', 'mnist', "config.data.name='mnist' is unknown; valid choices: arrays, iemocap, mfeat"),
 ])
 def test_bad_names_fail_before_training(tiny_config, tmp_path, key, value, message):
   section, field = key.split('.')

@@ -20,7 +20,7 @@ INFO = data.TaskInfo({'m0': (8, 6), 'm1': (8, 6)}, 'classification', 4)
 
 CASES = [
     ('job', 'evaluate', "config.job='evaluate' is unknown; valid choices: teacher, student, distill"),
-    ('data.name', 'mnist', "config.data.name='mnist' is unknown; valid choices: iemocap, mfeat, mosei_senti"),
+    ('data.name', 'mnist', "config.data.name='mnist' is unknown; valid choices: arrays, iemocap, mfeat, mosei_senti"),
     ('train.optimizer', 'lamb', "config.train.optimizer='lamb' is unknown; valid choices: adam, adamw, sgd"),
     ('train.schedule', 'step', "config.train.schedule='step' is unknown; valid choices: constant, cosine, linear"),
     ('train.compute_dtype', 'float16', "config.train.compute_dtype='float16' is unknown"),

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmkd_jax import console
+from mmkd_jax.data import arrays
 from mmkd_jax.data import mfeat
 from mmkd_jax.data import mult
 from mmkd_jax.data import synthetic
@@ -38,6 +39,7 @@ def _synthetic(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 mult.register(DATASETS)
+DATASETS.register('arrays')(arrays.make_builder)
 
 
 def default_data_config(name: str = 'mfeat') -> ml_collections.ConfigDict:
@@ -51,6 +53,8 @@ def default_data_config(name: str = 'mfeat') -> ml_collections.ConfigDict:
   # MulT pickles: set the -inf values of COVAREP audio to 0, as MulT's loader does (else they are refused).
   config.zero_audio_neg_inf = False
   config.synthetic = ml_collections.ConfigDict(synthetic.SyntheticConfig().fields())
+  # 'arrays': the user's own modalities and labels, one .npz per split (see docs/own_data.md).
+  config.arrays = arrays.default_config()
   return config
 
 

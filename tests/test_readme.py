@@ -21,9 +21,16 @@ import pytest
 ROOT = pathlib.Path(__file__).parents[1]
 README = ROOT / 'README.md'
 SKIP = re.compile(r'<!--\s*test_readme:\s*skip\b')
-# Config fields shrunk where a command's config has them; the command's own values of them are dropped.
-TINY = {'train.num_steps': '4', 'train.warmup_steps': '1', 'report.seeds': '0', 'report.latency_repeats': '2',
-        'study.seeds': '0'}
+
+
+def _first(value: str) -> str:
+  return value.split(',')[0]
+
+
+# Config fields shrunk where a command's config has them: a value, or a function of the command's value
+# (else the config's). The study keeps its levels and methods, which must fit each other.
+TINY = {'train.num_steps': '4', 'train.warmup_steps': '1', 'report.seeds': _first, 'report.latency_repeats': '2',
+        'study.seeds': _first, 'study.modalities': _first, 'study.widths': _first}
 TIMEOUT_S = 900
 
 
@@ -99,13 +106,14 @@ def _load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(argument) if argument else module.get_config()
 
 
-def _has_key(config: ml_collections.ConfigDict, key: str) -> bool:
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, object]:
+  """(whether `config` has the dotted `key`, its value)."""
   node = config
   for part in key.split('.'):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      return False
+      return False, None
     node = node[part]
-  return True
+  return True, node
 
 
 def _flag_name(token: str) -> str:
@@ -125,7 +133,13 @@ def prepare(argv: tuple[str, ...], workdir: pathlib.Path, shrink: bool) -> list[
   if shrink:
     spec = next(a.partition('=')[2] for a in args if _flag_name(a) == '--config')
     config = _load_config(spec)
-    tiny = {f'--config.{k}': v for k, v in TINY.items() if _has_key(config, k)}
+    given = {_flag_name(a): a.partition('=')[2] for a in args}
+    tiny = {}
+    for key, value in TINY.items():
+      found, default = _lookup(config, key)
+      if found:
+        flag = f'--config.{key}'
+        tiny[flag] = value(given.get(flag, str(default))) if callable(value) else value
     args = [a for a in args if _flag_name(a) not in tiny] + [f'{k}={v}' for k, v in tiny.items()]
   return [sys.executable, '-m', argv[2], *args, f'--workdir={workdir}']
 
@@ -169,6 +183,10 @@ def test_prepare_replaces_budget_and_workdir_only_where_the_config_has_them(tmp_
   assert got[3:] == ['--config=configs/distill.py', '--config.student.modality=zer', '--config.train.num_steps=4',
                      '--config.train.warmup_steps=1', '--config.report.seeds=0', '--config.report.latency_repeats=2',
                      f'--workdir={tmp_path}']  # no study.seeds: configs/distill.py has no study
+  study = prepare(('python', '-m', 'mmkd_jax.study', '--config=configs/study.py', '--config.study.widths=48,16'),
+                  tmp_path, shrink=True)
+  assert {'--config.study.seeds=0', '--config.study.modalities=fou', '--config.study.widths=48'} <= set(study)
+  assert not any(a.startswith(('--config.study.levels', '--config.study.methods')) for a in study)
   with pytest.raises(ValueError, match='no rule'):
     prepare(('bash', 'launch/local_multiprocess.sh'), tmp_path, shrink=True)
 

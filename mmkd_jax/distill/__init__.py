@@ -8,7 +8,7 @@ the method's `config.distill.hparams.<method>`, which override the signature's d
 """
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,7 @@ Array = Any
 
 __all__ = ['LEVELS', 'METHODS', 'LevelContext', 'LevelInfo', 'MethodInfo', 'Pair', 'Projector', 'Term',
            'cacheable', 'collect_pairs', 'default_hparams', 'distillation_losses', 'level_problem',
-           'method_problem', 'parse_terms', 'projection_widths', 'resolve_layer_map', 'term_hparams',
+           'method_problem', 'pair_loss', 'parse_terms', 'projection_widths', 'resolve_layer_map', 'term_hparams',
            'validate_hparams']
 
 
@@ -171,28 +171,31 @@ class Projector(nn.Module):
             for level, named in pairs.items()}
 
 
+def pair_loss(method: Callable[..., Array], info: MethodInfo, pair: Pair, kwargs: Mapping[str, Any]) -> Array:
+  """`method`'s loss on one pair, with keyword arguments `kwargs` (its hyperparameters, and labels).
+
+  Where the pair's feature axis has padding (`Pair.feature_mask`), those features are zeroed on
+  both sides, which makes sums over features exact (cosine, energy maps, batch distances); a
+  method that declares a `feature_mask` argument also receives it (means over features, kl).
+  """
+  student, teacher, extra = pair.student, pair.teacher, {}
+  if pair.feature_mask is not None:
+    real = jnp.broadcast_to(pair.feature_mask, student.shape)
+    student, teacher = jnp.where(real, student, 0.0), jnp.where(real, teacher, 0.0)
+    extra = {'feature_mask': real} if info.takes_feature_mask else {}
+  return method(student, teacher, pair.mask, **kwargs, **extra)
+
+
 def distillation_losses(terms: tuple[Term, ...], pairs: dict[str, dict[str, Pair]],
                         hparams: Mapping[str, Mapping[str, Any]], labels: Array) -> dict[str, Array]:
-  """Term name -> unweighted loss, averaged over the term's pairs (e.g. over mapped layers).
-
-  Each term's method gets `term_hparams(term, hparams)`. Where a pair's feature axis has padding
-  (`Pair.feature_mask`), those features are zeroed on both sides, which makes sums over features
-  exact (cosine, energy maps, batch distances); a method that declares a `feature_mask` argument
-  also receives it (means over features, kl).
-  """
+  """Term name -> unweighted loss (`pair_loss`), averaged over the term's pairs (e.g. over mapped
+  layers); each term's method gets `term_hparams(term, hparams)`, and the labels if it takes them."""
   losses = {}
   for term in terms:
-    method, info = METHODS.get(term.method), METHODS.info(term.method)
+    info = METHODS.info(term.method)
     kwargs = term_hparams(term, hparams)
     if info.takes_labels:
       kwargs['labels'] = labels
-    values = []
-    for p in pairs[term.level].values():
-      student, teacher, extra = p.student, p.teacher, {}
-      if p.feature_mask is not None:
-        real = jnp.broadcast_to(p.feature_mask, student.shape)
-        student, teacher = jnp.where(real, student, 0.0), jnp.where(real, teacher, 0.0)
-        extra = {'feature_mask': real} if info.takes_feature_mask else {}
-      values.append(method(student, teacher, p.mask, **kwargs, **extra))
+    values = [pair_loss(METHODS.get(term.method), info, p, kwargs) for p in pairs[term.level].values()]
     losses[term.name] = sum(values) / len(values)
   return losses

@@ -255,12 +255,12 @@ def dkd(student: Array, teacher: Array, mask: Array | None = None, labels: Array
     all_classes = jax.nn.logsumexp(z, axis=-1)
     non_target = jax.nn.logsumexp(jnp.where(target, -jnp.inf, z), axis=-1)
     log_target = jnp.sum(jnp.where(target, z, 0.0), axis=-1) - all_classes
-    # At the target entry this is finite and unused: no inf or NaN enters the gradient.
-    return jnp.stack([log_target, non_target - all_classes], -1), z - non_target[..., None]
+    # 0 at the target entry (unused): z_y - logsumexp(non-targets) there can overflow exp().
+    return jnp.stack([log_target, non_target - all_classes], -1), jnp.where(target, 0.0, z - non_target[..., None])
 
   log_b_s, log_q_s = log_parts(s)
   log_b_t, log_q_t = log_parts(t)
   tckd = jnp.sum(jnp.exp(log_b_t) * (log_b_t - log_b_s), axis=-1)
-  nckd = jnp.sum(jnp.where(target, 0.0, jnp.exp(log_q_t) * (log_q_t - log_q_s)), axis=-1)
+  nckd = jnp.sum(jnp.exp(log_q_t) * (log_q_t - log_q_s), axis=-1)
   rows = alpha * tckd + beta * nckd
   return temperature**2 * _weighted_mean(rows, _row_weights(student, mask))

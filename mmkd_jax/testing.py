@@ -16,6 +16,7 @@ one of them on every registered method. The inputs are small random float32 arra
 padding (padded tokens, a fully padded example): (B, L, F) rows, or (B, C) logits with labels
 for a method that takes labels or fits none of the token levels (hidden, attention).
 """
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -25,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmkd_jax import plugins
-from mmkd_jax.distill import LEVELS, METHODS, LevelContext, MethodInfo, Term, collect_pairs, pair_loss
+from mmkd_jax.distill import METHODS, LevelContext, MethodInfo, Term, collect_pairs, pair_loss
 from mmkd_jax.distill.methods import describe_method
+from mmkd_jax.errors import ConfigError
 
 Array = Any
 B, L, F, C = 5, 3, 4, 6
@@ -35,28 +37,17 @@ FAST = {'xla_backend_optimization_level': 0}
 TOKEN_LEVELS = ('hidden', 'attention')
 
 
+@dataclasses.dataclass(frozen=True)
 class Subject:
-  """A method under test: its function, registration info and hyperparameters (hashable for jit caches)."""
-
-  def __init__(self, name: str, function: Callable[..., Array], info: MethodInfo, hparams: Mapping[str, Any]):
-    self.name, self.function, self.info = name, function, info
-    unknown = set(hparams) - set(info.defaults)
-    if unknown:
-      raise ValueError(f'{name}: unknown hyperparameters {sorted(unknown)}; valid: {", ".join(info.defaults)}')
-    self.hparams = tuple(sorted({**info.defaults, **hparams}.items()))
+  """A method under test: its name, function, registration info and hyperparameters (hashable: jit caches)."""
+  name: str
+  function: Callable[..., Array]
+  info: MethodInfo
+  hparams: tuple[tuple[str, Any], ...]  # every hyperparameter, (name, value) sorted
 
   def __call__(self, student: Array, teacher: Array, mask: Array | None, labels: Array | None) -> Array:
     extra = {'labels': labels} if self.info.takes_labels else {}
     return self.function(student, teacher, mask, **extra, **dict(self.hparams))
-
-  def _key(self):
-    return (self.name, self.function, self.hparams)
-
-  def __hash__(self):
-    return hash(self._key())
-
-  def __eq__(self, other):
-    return isinstance(other, Subject) and self._key() == other._key()
 
   def fits(self, level: str) -> bool:
     return self.info.levels is None or level in self.info.levels
@@ -72,9 +63,15 @@ def _subject(method: str | Callable[..., Array], hparams: Mapping[str, Any] | No
   if isinstance(method, str):
     if registration:
       raise TypeError('registration keywords are for an unregistered function; a registered method has its own')
-    return Subject(method, METHODS.get(method), METHODS.info(method), hparams or {})
-  name = getattr(method, '__name__', 'method')
-  return Subject(name, method, describe_method(name, method, **registration), hparams or {})
+    name, function, info = method, METHODS.get(method), METHODS.info(method)
+  else:
+    name, function = getattr(method, '__name__', 'method'), method
+    info = describe_method(name, function, **registration)
+  unknown = sorted(set(hparams or {}) - set(info.defaults))
+  if unknown:
+    raise ConfigError(f'method {name!r}: unknown hyperparameters {", ".join(unknown)}; valid choices: '
+                      f'{", ".join(info.defaults) or "none"}')
+  return Subject(name, function, info, tuple(sorted({**info.defaults, **(hparams or {})}.items())))
 
 
 def inputs(subject: Subject, seed: int = 0) -> tuple[Array, Array, Array, Array]:
@@ -202,7 +199,7 @@ def _attention_loss(subject: Subject) -> Callable:
 def attention_padding_independent(subject: Subject) -> None:
   """At the attention level (where it fits), the same real tokens followed by 0 or 5 padded tokens
   (keys of probability 0, arbitrary query rows) give the same loss."""
-  if not subject.fits('attention') or 'attention' not in LEVELS:
+  if not subject.fits('attention'):
     return
   rng = np.random.default_rng(0)
   h, real, keys = 2, 4, 3

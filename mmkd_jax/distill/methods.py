@@ -57,8 +57,8 @@ class MethodInfo:
 def describe_method(name: str, function: Callable[..., Array], *, levels: tuple[str, ...] | None = None,
                     task: str = 'any', width_agnostic: bool = False, positive: tuple[str, ...] = ()) -> MethodInfo:
   """Checks a method's signature and registration keywords (see the module docstring)."""
-  where = f'distillation method {name!r} ({getattr(function, "__module__", "?")}.' \
-          f'{getattr(function, "__qualname__", function)})'
+  where = (f'distillation method {name!r} ({getattr(function, "__module__", "?")}.'
+           f'{getattr(function, "__qualname__", function)})')
   parameters = inspect.signature(function).parameters
   if list(parameters)[:3] != ['student', 'teacher', 'mask']:
     raise ConfigError(f'{where}: its first arguments must be (student, teacher, mask); got ({", ".join(parameters)})')

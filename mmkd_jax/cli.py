@@ -61,7 +61,9 @@ def explain_override_error(argv: list[str], path: str, argument: str) -> str | N
     for part in key.split('.'):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         keys = ', '.join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else 'none'
-        return f'--config.{key}: {prefix} has no key {part!r} in {path}; its keys: {keys}'
+        hint = ('; a plug-in method has its hyperparameters there once --config.plugins imports it'
+                if prefix == 'config.distill.hparams' else '')
+        return f'--config.{key}: {prefix} has no key {part!r} in {path}; its keys: {keys}{hint}'
       node, prefix = node[part], f'{prefix}.{part}'
   return None
 

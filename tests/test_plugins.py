@@ -150,6 +150,15 @@ def test_a_bad_plugin_on_the_command_line_is_one_line_and_runs_nothing(tmp_path)
   assert not (tmp_path / 'work').exists()
 
 
+def test_a_plugin_hyperparameter_without_the_plugin_is_one_line_with_a_hint(tmp_path):
+  result = _run('mmkd_jax.main', '--config=configs/distill.py', '--config.distill.hparams.scaled_mse.scale=2',
+                f'--workdir={tmp_path / "work"}')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "mmkd_jax: error: --config.distill.hparams.scaled_mse.scale: config.distill.hparams has no key 'scaled_mse' "
+      'in configs/distill.py; its keys: attention_transfer, contrastive, dkd, kl, relational; a plug-in method')
+
+
 def test_the_check_helper_on_the_command_line(tmp_path):
   """`python -m mmkd_jax.testing` passes a plug-in's good method and names the check a broken one fails."""
   plugin = _write(tmp_path / 'kd_plugin_checks.py', PLUGIN + textwrap.dedent('''

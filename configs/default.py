@@ -3,7 +3,7 @@ import os
 
 import ml_collections
 
-from mmkd_jax import data
+from mmkd_jax import data, distill
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # Replace runs of another config found in the workdir (otherwise such a workdir is refused).
   config.overwrite = False
+  # Your own modules (comma-separated importable names or paths to .py files) that register distillation
+  # methods, levels or datasets; imported before the config is checked (see docs/new_method.md).
+  config.plugins = ''
 
   # Dataset: name ('mfeat', 'synthetic', ...), data_dir, manual_dir and per-dataset options.
   config.data = data.default_data_config('mfeat')
@@ -45,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   # methods: kl, mse, l1, cosine, attention_transfer, relational, contrastive, dkd.
   # Default: FitNets-style MSE between the student's hidden states and the teacher's Fourier stream
   # (which has cross-attended to the pixels); see the README for what else was measured.
+  # A term may set its method's hyperparameters for itself: 'attention:kl:0.1:temperature=1.0'.
   config.distill.terms = 'hidden:mse:1.0'
   # Weight of the task loss next to the distillation terms.
   config.distill.task_weight = 1.0
@@ -59,13 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   # by float rounding only). Above cache_teacher_max_gb GiB of such targets the teacher runs online.
   config.distill.cache_teacher = True
   config.distill.cache_teacher_max_gb = 2.0
-  # Keyword arguments of each method (config.distill.hparams.<method>.<name>).
-  config.distill.hparams = ml_collections.ConfigDict({
-      'kl': {'temperature': 4.0},
-      'dkd': {'temperature': 4.0, 'alpha': 1.0, 'beta': 8.0},
-      'contrastive': {'temperature': 0.1},
-      'relational': {'distance_weight': 1.0, 'angle_weight': 2.0},
-  })
+  # Hyperparameters of each method (config.distill.hparams.<method>.<name>), for every registered method
+  # (plug-ins included) at the defaults of its signature in mmkd_jax/distill/methods.py: kl.temperature,
+  # dkd.{temperature, alpha, beta}, contrastive.{temperature, symmetric}, attention_transfer.p,
+  # relational.{distance_weight, angle_weight, full_matrix}.
+  config.distill.hparams = ml_collections.ConfigDict(distill.default_hparams())
 
   config.train = ml_collections.ConfigDict()
   # Global batch size (split over all devices) and the batch size of evaluation passes.

@@ -15,7 +15,8 @@ from typing import Callable, Iterator, NoReturn
 from absl import app, flags
 import ml_collections
 
-from mmkd_jax import console
+from mmkd_jax import console, plugins
+from mmkd_jax.errors import ConfigError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,17 +61,42 @@ def explain_override_error(argv: list[str], path: str, argument: str) -> str | N
     for part in key.split('.'):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         keys = ', '.join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else 'none'
-        return f'--config.{key}: {prefix} has no key {part!r} in {path}; its keys: {keys}'
+        hint = ('; a plug-in method has its hyperparameters there once --config.plugins imports it'
+                if prefix == 'config.distill.hparams' else '')
+        return f'--config.{key}: {prefix} has no key {part!r} in {path}; its keys: {keys}{hint}'
       node, prefix = node[part], f'{prefix}.{part}'
   return None
 
 
+def _plugins_spec(argv: list[str], path: str | None, argument: str) -> str:
+  """The last `--config.plugins` of `argv`, else the `plugins` field of the config file at `path`."""
+  given = [argv[i + 1] if token == '--config.plugins' and i + 1 < len(argv) else token.partition('=')[2]
+           for i, token in enumerate(argv) if token.partition('=')[0] == '--config.plugins']
+  if given:
+    return given[-1]
+  if path is None:
+    return ''
+  try:
+    return str(_load_config(path, argument).get('plugins', ''))
+  except Exception:  # a faulty config file: the flag parsing below reports it
+    return ''
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), with config errors in one line."""
+  """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), with config errors in one line.
+
+  `config.plugins` is imported first (from `--config.plugins`, else from the config file), so
+  that the config file sees what they register (their methods' `config.distill.hparams`) and
+  overrides of those keys parse.
+  """
   spec = _config_spec(argv)
   path, _, argument = (spec or '').partition(':')
   if spec is not None and not os.path.isfile(path):
     fail(_missing_file(spec, path))
+  try:
+    plugins.load(_plugins_spec(argv, path if spec is not None else None, argument))
+  except ConfigError as error:
+    fail(str(error))
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:  # e.g. --config.train.num_steps=abc

@@ -30,7 +30,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from mmkd_jax import checkpoint, cli, data, distill, evaluate, export, reference, runtime, stats, train, validation
+from mmkd_jax import checkpoint, cli, data, distill, evaluate, export, plugins, reference, runtime, stats, train, validation
 from mmkd_jax.data import pipeline
 from mmkd_jax.registry import Registry
 
@@ -103,9 +103,7 @@ def metric_names(info: data.TaskInfo) -> tuple[str, ...]:
 
 def skip_reason(levels: tuple[str, ...], method: str, task: str) -> str | None:
   """Why `method` makes no sense at every one of `levels` on `task`, or None if it does."""
-  if method in distill.CLASSIFICATION_METHODS and task != 'classification':
-    return f'{method} needs class probabilities and the task is {task}'
-  return next(filter(None, (distill.level_problem(level, method) for level in levels)), None)
+  return distill.method_problem(levels, method, task)
 
 
 def run_config(config: ml_collections.ConfigDict, modality: str, width: int,
@@ -277,6 +275,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if 'study' not in config:
     raise ValueError('this config has no config.study grid (configs/study.py and configs/study_full.py define '
                      'one); run a single job with `python -m mmkd_jax.main --config=...`')
+  plugins.load(config.plugins)  # before the data and the grid name what they register
   workdir = validation.workdir_path(workdir)
   builder = data.load_builder(config.data)
   info = data.task_info(builder)

@@ -364,11 +364,14 @@ def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, dis
 
 def current_fingerprint(fingerprint: dict) -> dict:
   """`fingerprint` as this version writes it: a distilled run's hparams only of the methods it uses
-  (a newly added method's config line leaves it alone). Fingerprints stored by earlier versions,
-  which held every method's, compare equal through this."""
+  (a newly added method's config line leaves it alone), each completed with its signature's
+  defaults (a newly added hyperparameter at its default leaves it alone). Fingerprints stored by
+  earlier versions, which held every method's, or fewer keys, compare equal through this."""
   if 'distill' in fingerprint:
-    used = {term.method for term in distill.parse_terms(fingerprint['distill']['terms'])}
-    hparams = {m: v for m, v in fingerprint['distill'].get('hparams', {}).items() if m in used}
+    used = sorted({term.method for term in distill.parse_terms(fingerprint['distill']['terms'])})
+    stored = fingerprint['distill'].get('hparams', {})
+    hparams = {m: {**distill.METHODS.info(m).defaults, **stored.get(m, {})} for m in used
+               if distill.METHODS.info(m).hparams}
     fingerprint = {**fingerprint, 'distill': {**fingerprint['distill'], 'hparams': hparams}}
   return fingerprint
 
@@ -463,7 +466,7 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   # A finished run is only restored and evaluated: it needs no teacher targets.
   finished = restore_only or (manager.latest_step() or 0) >= config.train.num_steps
   row_fields = None
-  if dist is not None and config.distill.cache_teacher and not finished:
+  if dist is not None and config.distill.cache_teacher and distill.cacheable(dist.terms) and not finished:
     cached = teacher_targets(model, dist, state.params['model'], teacher_params, builder, info,
                              config.train.eval_batch_size, mesh, config.distill.cache_teacher_max_gb)
     if cached is not None:

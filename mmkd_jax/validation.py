@@ -7,11 +7,10 @@ import os
 
 import ml_collections
 
-from mmkd_jax import data, distill, optimizers, runtime, stats
+from mmkd_jax import data, distill, optimizers, plugins, runtime, stats
 from mmkd_jax.errors import ConfigError
 
 JOBS = ('teacher', 'student', 'distill')
-WIDTH_AGNOSTIC_METHODS = ('attention_transfer', 'relational')
 
 
 def teacher_modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -53,6 +52,8 @@ def workdir_path(workdir: str) -> str:
 
 
 def method_hparams(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """`config.distill.hparams` as plain dicts (method -> name -> value); the signatures' defaults
+  fill what it lacks (`distill.term_hparams`)."""
   return {method: dict(values) for method, values in config.distill.hparams.items()}
 
 
@@ -70,7 +71,9 @@ def _choice(path: str, value: str, choices) -> None:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Checks names, sizes and distillation terms that need no dataset."""
+  """Checks names, sizes and distillation terms that need no dataset, after importing
+  `config.plugins` (whose methods, levels and datasets are then valid choices)."""
+  plugins.load(config.plugins)
   _choice('job', config.job, JOBS)
   _choice('data.name', config.data.name, data.DATASETS.names())
   _choice('train.optimizer', config.train.optimizer, optimizers.OPTIMIZERS.names())
@@ -104,7 +107,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.job == 'distill':
     terms = distill.parse_terms(config.distill.terms)
     if not terms:
-      raise ValueError("config.distill.terms is empty; give at least one 'level:method:weight' entry")
+      raise ConfigError("config.distill.terms is empty; give at least one 'level:method:weight' entry")
     distill.validate_hparams(method_hparams(config))
     student_depth, teacher_depth = config.student.num_layers, config.teacher.num_cross_layers + config.teacher.num_self_layers
     distill.resolve_layer_map(config.distill.layer_map, student_depth, teacher_depth)  # raises if out of range
@@ -113,10 +116,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for term in terms:
       width = teacher_widths.get(term.level, config.student.width)
       if (not config.distill.projection and width != config.student.width
-          and term.method not in WIDTH_AGNOSTIC_METHODS):
-        raise ValueError(f'config.distill.projection=False but {term.name!r} compares student width '
-                         f'{config.student.width} with teacher width {width}; enable the projection, make '
-                         f'the widths equal or use one of {", ".join(WIDTH_AGNOSTIC_METHODS)}')
+          and not distill.METHODS.info(term.method).width_agnostic):
+        agnostic = [m for m in distill.METHODS.names() if distill.METHODS.info(m).width_agnostic]
+        raise ConfigError(f'config.distill.projection=False but {term.name!r} compares student width '
+                          f'{config.student.width} with teacher width {width}; enable the projection, make '
+                          f'the widths equal or use one of {", ".join(agnostic)}')
 
 
 def check_against_data(config: ml_collections.ConfigDict, info: data.TaskInfo) -> None:
@@ -130,6 +134,6 @@ def check_against_data(config: ml_collections.ConfigDict, info: data.TaskInfo) -
       raise ValueError(f'config.student.modality={config.student.modality!r} is not one of the teacher\'s '
                        f'modalities {config.teacher.modalities!r}: levels below the logits need its stream')
     for term in distill.parse_terms(config.distill.terms):
-      if info.task != 'classification' and term.method in distill.CLASSIFICATION_METHODS:
-        raise ValueError(f'config.distill.terms: {term.name!r} needs class probabilities but the task of '
-                         f'{config.data.name!r} is {info.task}; use mse or l1 at the logits level')
+      if info.task != 'classification' and distill.METHODS.info(term.method).task == 'classification':
+        raise ConfigError(f'config.distill.terms: {term.name!r} needs class probabilities but the task of '
+                          f'{config.data.name!r} is {info.task}; use mse or l1 at the logits level')

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmkd_jax.distill import (LEVELS, METHODS, LevelContext, Pair, Projector, Term, collect_pairs,
-                              distillation_losses, level_problem, parse_terms, projection_widths,
-                              resolve_layer_map, validate_hparams)
+from mmkd_jax.distill import (LEVELS, METHODS, LevelContext, Pair, Projector, Term, cacheable, collect_pairs,
+                              default_hparams, distillation_losses, parse_terms, projection_widths,
+                              resolve_layer_map, term_hparams, validate_hparams)
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.distill.levels import query_affinity
 
 B, L, L_OTHER, C = 3, 4, 5, 6
@@ -198,7 +199,7 @@ def test_parse_terms_valid():
 
 @pytest.mark.parametrize('spec,registry', [('nope:kl:1', LEVELS), ('logits:nope:1', METHODS)])
 def test_parse_terms_unknown_name_lists_choices(spec, registry):
-  with pytest.raises(ValueError, match='nope') as info:
+  with pytest.raises(ConfigError, match='nope') as info:
     parse_terms(spec)
   message = str(info.value)
   assert 'valid choices' in message
@@ -234,17 +235,85 @@ def test_parse_terms_duplicate():
 
 def test_validate_hparams():
   validate_hparams({'kl': {'temperature': 2.0}, 'dkd': {'alpha': 1.0, 'beta': 2.0},
-                    'relational': {'distance_weight': 1.0}})
-  with pytest.raises(ValueError, match=r'config\.distill\.hparams\.kl\.temprature.*temperature'):
+                    'relational': {'distance_weight': 1.0, 'full_matrix': True}, 'attention_transfer': {'p': 1.0}})
+  with pytest.raises(ConfigError, match=r'config\.distill\.hparams\.kl\.temprature.*temperature'):
     validate_hparams({'kl': {'temprature': 2.0}})
-  with pytest.raises(ValueError, match=r'hparams\.dkd\.labels'):
+  with pytest.raises(ConfigError, match=r'hparams\.dkd\.labels'):
     validate_hparams({'dkd': {'labels': 1}})
-  with pytest.raises(ValueError, match=r'hparams\.mse\.scale'):
+  with pytest.raises(ConfigError, match=r'hparams\.mse\.scale'):
     validate_hparams({'mse': {'scale': 1.0}})
-  with pytest.raises(ValueError, match='valid choices'):
+  with pytest.raises(ConfigError, match='valid choices'):
     validate_hparams({'nope': {}})
-  with pytest.raises(ValueError, match='> 0'):
-    validate_hparams({'contrastive': {'temperature': 0.0}})
+  for method, key in [('contrastive', 'temperature'), ('attention_transfer', 'p'), ('relational', 'angle_weight'),
+                      ('dkd', 'beta')]:
+    with pytest.raises(ConfigError, match=f'^config.distill.hparams.{method}.{key}=0.0 must be > 0$'):
+      validate_hparams({method: {key: 0.0}})
+
+
+def test_default_hparams_are_the_signatures():
+  """config.distill.hparams starts from each method's signature: one place for a default."""
+  hparams = default_hparams()
+  assert hparams['kl'] == {'temperature': 4.0}
+  assert hparams['dkd'] == {'temperature': 4.0, 'alpha': 1.0, 'beta': 8.0}
+  assert hparams['relational'] == {'distance_weight': 1.0, 'angle_weight': 2.0, 'full_matrix': False}
+  assert hparams['contrastive'] == {'temperature': 0.1, 'symmetric': False}
+  assert hparams['attention_transfer'] == {'p': 2.0}
+  assert 'mse' not in hparams  # no hyperparameters
+
+
+def test_a_term_carries_its_own_hyperparameters():
+  """'attention:kl:...:temperature=1' overrides the method's config value for that term only; what it
+  leaves out comes from the config, then the signature."""
+  terms = parse_terms('logits:kl:1.0,attention:kl:0.1:temperature=1,logits:dkd:1:beta=2.5:alpha=0.5')
+  assert terms[1] == Term('attention', 'kl', 0.1, (('temperature', 1.0),))
+  config = {'kl': {'temperature': 3.0}, 'dkd': {'temperature': 2.0}}
+  assert term_hparams(terms[0], config) == {'temperature': 3.0}
+  assert term_hparams(terms[1], config) == {'temperature': 1.0}
+  assert term_hparams(terms[2], config) == {'temperature': 2.0, 'alpha': 0.5, 'beta': 2.5}
+  assert term_hparams(terms[2], {}) == {'temperature': 4.0, 'alpha': 0.5, 'beta': 2.5}
+  assert parse_terms('hidden:relational:1:full_matrix=true')[0].hparams == (('full_matrix', True),)
+
+
+def test_per_term_hyperparameters_reach_the_method():
+  """Two terms of one method with different temperatures give the method's loss at each."""
+  rng = np.random.default_rng(0)
+  s, t = (jnp.asarray(rng.normal(size=(B, C)), jnp.float32) for _ in range(2))
+  pairs = {'logits': {'logits': Pair(s, t, jnp.ones(B), False)}}
+  losses = distillation_losses(parse_terms('logits:kl:1:temperature=1.5'), pairs, {'kl': {'temperature': 3.0}},
+                               jnp.zeros(B, jnp.int32))
+  want = METHODS.get('kl')(s, t, None, temperature=1.5)
+  np.testing.assert_allclose(float(losses['logits/kl']), float(want), rtol=1e-6)
+  assert abs(float(want) - float(METHODS.get('kl')(s, t, None, temperature=3.0))) > 1e-3
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('logits:kl:1:tau=1', "bad hyperparameter 'tau=1'; expected name=value with a name of kl: temperature"),
+    ('logits:kl:1:temperature', "bad hyperparameter 'temperature'"),
+    ('logits:kl:1:temperature=hot', "temperature='hot' is not a float"),
+    ('logits:kl:1:temperature=0', "'logits:kl:1:temperature=0': temperature=0.0 must be > 0"),
+    ('hidden:relational:1:full_matrix=maybe', "full_matrix='maybe' is not a bool"),
+    ('logits:kl:1:temperature=1:temperature=2', 'sets a hyperparameter twice'),
+    ('hidden:mse:1:scale=2', 'with a name of mse: none'),
+])
+def test_bad_per_term_hyperparameters(spec, message):
+  with pytest.raises(ConfigError, match='^config.distill.terms: ') as error:
+    parse_terms(spec)
+  assert message in str(error.value)
+
+
+def test_cacheable_only_where_every_level_declares_it():
+  assert LEVELS.info('hidden').cacheable and cacheable(parse_terms('logits:kl:1,hidden:mse:1,attention:l1:1'))
+  batch_level = 'test_levels_batch_normalised'
+
+  @LEVELS.register(batch_level)  # default: not cacheable
+  def normalised(student, teacher, context):
+    del context
+    return {'pooled': Pair(student['pooled'], teacher['pooled'] / teacher['pooled'].std(0), jnp.ones(B), True)}
+
+  assert not LEVELS.info(batch_level).cacheable
+  assert not cacheable(parse_terms(f'logits:kl:1,{batch_level}:mse:1'))
+  with pytest.raises(ConfigError, match=r"distillation level 'x' .*cacheable='yes' must be True or False"):
+    LEVELS.register('x', cacheable='yes')(normalised)
 
 
 # ---------------------------------------------------------------- projection and losses
@@ -312,32 +381,3 @@ def test_collect_pairs_only_used_levels():
   pairs = collect_pairs(terms, student, teacher, _context())
   assert list(pairs) == ['logits', 'hidden']
   assert sorted(pairs['hidden']) == ['hidden_0_1', 'hidden_1_3']
-
-
-def _random_probs(rng, shape):
-  e = np.exp(rng.normal(size=shape))
-  return e / e.sum(-1, keepdims=True)
-
-
-@pytest.mark.parametrize('method', [m for m in METHODS.names() if level_problem('attention', m) is None])
-def test_attention_level_losses_do_not_depend_on_how_much_padding_follows(method):
-  """The same real tokens with 0 or 5 padded tokens after them (keys with probability 0, query rows
-  whatever they are) give the same loss: the affinities' padded columns are masked as features."""
-  rng = np.random.default_rng(0)
-  h, real, padding, keys = 2, 4, 5, 3
-  student, teacher = _random_probs(rng, (B, h, real, real)), _random_probs(rng, (B, h, real, keys))
-  terms = (Term('attention', method, 1.0),)
-  losses = []
-  for pad in (0, padding):
-    s = np.zeros((B, h, real + pad, real + pad))
-    s[:, :, :real, :real] = student
-    s[:, :, real:] = _random_probs(rng, (B, h, pad, real + pad))
-    t = np.concatenate([teacher, _random_probs(rng, (B, h, pad, keys))], axis=2)
-    context = LevelContext('a', jnp.asarray(np.arange(real + pad) < real, jnp.float32)[None].repeat(B, 0),
-                           jnp.ones(B), ((0, 0),))
-    pairs = collect_pairs(terms, {'attn': {'a': (jnp.asarray(s, jnp.float32),)}},
-                          {'attn': {'a': (jnp.asarray(t, jnp.float32),)}}, context)
-    labels = jnp.zeros(B, jnp.int32)
-    losses.append(float(distillation_losses(terms, pairs, {}, labels)[f'attention/{method}']))
-  assert losses[0] > 1e-4
-  np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)

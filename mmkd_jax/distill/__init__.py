@@ -2,43 +2,44 @@
 
 `config.distill.terms` is a string such as 'logits:kl:1.0,hidden:mse:0.5'. Levels pick
 the tensors (levels.py), methods compare them (methods.py); both are registries, so a
-new loss is one registered function plus one entry in that string.
+new loss is one registered function plus one entry in that string. A term may carry its
+own hyperparameters after the weight ('attention:kl:0.1:temperature=1.0'): they override
+the method's `config.distill.hparams.<method>`, which override the signature's defaults.
 """
 import dataclasses
-import inspect
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmkd_jax.distill import methods
-from mmkd_jax.distill.levels import LEVELS, LevelContext, Pair, resolve_layer_map
-from mmkd_jax.distill.methods import METHODS
+from mmkd_jax.distill.levels import LEVELS, LevelContext, LevelInfo, Pair, resolve_layer_map
+from mmkd_jax.distill.methods import METHODS, MethodInfo
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.models.layers import Dense
 
 Array = Any
 
-__all__ = ['CLASSIFICATION_METHODS', 'LEVELS', 'METHODS', 'METHOD_LEVELS', 'LevelContext', 'Pair', 'Projector',
-           'Term', 'collect_pairs', 'distillation_losses', 'level_problem', 'parse_terms', 'projection_widths',
-           'resolve_layer_map', 'validate_hparams']
-
-# Levels a method is meaningful on, where that is not every level, and why. Unlisted methods
-# (a newly added one included) fit every level.
-METHOD_LEVELS: dict[str, tuple[tuple[str, ...], str]] = {
-    'kl': (('logits', 'attention'), 'kl compares distributions (class logits, attention rows)'),
-    'dkd': (('logits',), 'dkd splits target and non-target class probabilities'),
-    'attention_transfer': (('hidden', 'attention'), 'attention_transfer needs a token axis'),
-}
-# Methods that need class probabilities: classification tasks only.
-CLASSIFICATION_METHODS = ('kl', 'dkd')
+__all__ = ['LEVELS', 'METHODS', 'LevelContext', 'LevelInfo', 'MethodInfo', 'Pair', 'Projector', 'Term',
+           'cacheable', 'collect_pairs', 'default_hparams', 'distillation_losses', 'level_problem',
+           'method_problem', 'pair_loss', 'parse_terms', 'projection_widths', 'resolve_layer_map', 'term_hparams',
+           'validate_hparams']
 
 
 def level_problem(level: str, method: str) -> str | None:
-  """Why `method` makes no sense at `level`, or None if it does."""
-  allowed, reason = METHOD_LEVELS.get(method, (LEVELS.names(), ''))
-  return None if level in allowed else reason
+  """Why `method` makes no sense at `level` (per its registration), or None if it does."""
+  levels = METHODS.info(method).levels
+  if levels is None or level in levels:
+    return None
+  return f'{method} is registered for the levels {", ".join(levels)} only'
+
+
+def method_problem(levels: tuple[str, ...], method: str, task: str) -> str | None:
+  """Why `method` makes no sense at one of `levels` on a `task` dataset, or None if it fits them all."""
+  if METHODS.info(method).task == 'classification' and task != 'classification':
+    return f'{method} needs class probabilities and the task is {task}'
+  return next(filter(None, (level_problem(level, method) for level in levels)), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,55 +47,102 @@ class Term:
   level: str
   method: str
   weight: float
+  # The term's own hyperparameters, (name, value) pairs over the method-level ones.
+  hparams: tuple[tuple[str, Any], ...] = ()
 
   @property
   def name(self) -> str:
     return f'{self.level}/{self.method}'
 
 
+def _check_positive(path: str, method: str, key: str, value: Any) -> None:
+  if key in METHODS.info(method).positive and not value > 0:
+    raise ConfigError(f'{path}={value!r} must be > 0')
+
+
+def _hparam_value(item: str, method: str, assignment: str) -> tuple[str, Any]:
+  """'name=value' of a term -> (name, value of the default's type)."""
+  defaults = METHODS.info(method).defaults
+  key, sep, text = (s.strip() for s in assignment.partition('='))
+  if not sep or key not in defaults:
+    raise ConfigError(f'config.distill.terms: {item!r}: bad hyperparameter {assignment!r}; expected name=value '
+                      f'with a name of {method}: {", ".join(defaults) or "none"}')
+  kind = type(defaults[key])
+  try:
+    if kind is bool:
+      value = {'true': True, 'false': False}[text.lower()]
+    else:
+      value = kind(text)
+  except (KeyError, ValueError):
+    raise ConfigError(f'config.distill.terms: {item!r}: {key}={text!r} is not a {kind.__name__}') from None
+  _check_positive(f'config.distill.terms: {item!r}: {key}', method, key, value)
+  return key, value
+
+
 def parse_terms(spec: str) -> tuple[Term, ...]:
-  """Parses 'level:method:weight,...' and checks every name and weight before training."""
+  """Parses 'level:method:weight[:name=value...],...' and checks every name and value before training."""
   terms = []
   for item in (s.strip() for s in spec.split(',') if s.strip()):
     parts = item.split(':')
-    if len(parts) != 3:
-      raise ValueError(f"config.distill.terms: bad entry {item!r}; expected 'level:method:weight', "
-                       f"levels: {', '.join(LEVELS.names())}; methods: {', '.join(METHODS.names())}")
-    level, method, weight = parts
+    if len(parts) < 3:
+      raise ConfigError(f"config.distill.terms: bad entry {item!r}; expected 'level:method:weight' (then "
+                        f"optional ':name=value' hyperparameters), levels: {', '.join(LEVELS.names())}; "
+                        f"methods: {', '.join(METHODS.names())}")
+    level, method, weight = (p.strip() for p in parts[:3])
     for registry, name in ((LEVELS, level), (METHODS, method)):
       if name not in registry:
-        raise ValueError(f'config.distill.terms: unknown {registry.kind} {name!r} in {item!r}; '
-                         f'valid choices: {", ".join(registry.names())}')
+        raise ConfigError(f'config.distill.terms: unknown {registry.kind} {name!r} in {item!r}; '
+                          f'valid choices: {", ".join(registry.names())}')
     try:
       value = float(weight)
     except ValueError:
-      raise ValueError(f'config.distill.terms: weight {weight!r} of {item!r} is not a number') from None
+      raise ConfigError(f'config.distill.terms: weight {weight!r} of {item!r} is not a number') from None
     if not (value > 0 and math.isfinite(value)):
-      raise ValueError(f'config.distill.terms: weight {weight!r} of {item!r} must be a finite number > 0')
+      raise ConfigError(f'config.distill.terms: weight {weight!r} of {item!r} must be a finite number > 0')
     problem = level_problem(level, method)
     if problem:
-      raise ValueError(f'config.distill.terms: {item!r}: {problem}; levels for {method}: '
-                       f'{", ".join(METHOD_LEVELS[method][0])}')
-    term = Term(level, method, value)
+      raise ConfigError(f'config.distill.terms: {item!r}: {problem}; levels for {method}: '
+                        f'{", ".join(METHODS.info(method).levels)}')
+    hparams = dict(_hparam_value(item, method, a) for a in parts[3:])
+    if len(hparams) != len(parts) - 3:
+      raise ConfigError(f'config.distill.terms: {item!r} sets a hyperparameter twice')
+    term = Term(level, method, value, tuple(hparams.items()))
     if term.name in {t.name for t in terms}:
-      raise ValueError(f'config.distill.terms: {term.name!r} is listed twice')
+      raise ConfigError(f'config.distill.terms: {term.name!r} is listed twice')
     terms.append(term)
   return tuple(terms)
 
 
+def default_hparams() -> dict[str, dict[str, Any]]:
+  """Method -> its hyperparameters' defaults (from the signature), for every registered method that
+  has any: `config.distill.hparams` starts from this, so each is settable on the command line."""
+  return {name: METHODS.info(name).defaults for name in METHODS.names() if METHODS.info(name).hparams}
+
+
 def validate_hparams(hparams: Mapping[str, Mapping[str, Any]]) -> None:
-  """Every `config.distill.hparams.<method>.<name>` must be a keyword of that method."""
+  """Every `config.distill.hparams.<method>.<name>` must be a hyperparameter of that method, of its
+  registered sign."""
   for method, values in hparams.items():
     if method not in METHODS:
-      raise ValueError(f'config.distill.hparams.{method}: unknown distillation method; '
-                       f'valid choices: {", ".join(METHODS.names())}')
-    accepted = set(inspect.signature(METHODS.get(method)).parameters) - set(methods.INPUTS)
+      raise ConfigError(f'config.distill.hparams.{method}: unknown distillation method; '
+                        f'valid choices: {", ".join(METHODS.names())}')
+    accepted = METHODS.info(method).defaults
     for key, value in values.items():
       if key not in accepted:
-        raise ValueError(f'config.distill.hparams.{method}.{key}: unknown hyperparameter; '
-                         f'valid choices: {", ".join(sorted(accepted)) or "none"}')
-      if key in ('temperature', 'alpha', 'beta', 'distance_weight', 'angle_weight') and not value > 0:
-        raise ValueError(f'config.distill.hparams.{method}.{key}={value!r} must be > 0')
+        raise ConfigError(f'config.distill.hparams.{method}.{key}: unknown hyperparameter; '
+                          f'valid choices: {", ".join(accepted) or "none"}')
+      _check_positive(f'config.distill.hparams.{method}.{key}', method, key, value)
+
+
+def term_hparams(term: Term, hparams: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """The keyword arguments `term`'s method gets: the signature's defaults, overridden by the
+  method's `hparams` (config.distill.hparams), overridden by the term's own."""
+  return {**METHODS.info(term.method).defaults, **hparams.get(term.method, {}), **dict(term.hparams)}
+
+
+def cacheable(terms: tuple[Term, ...]) -> bool:
+  """Whether every level of `terms` declares its teacher side cacheable (see levels.py)."""
+  return all(LEVELS.info(level).cacheable for level in {t.level for t in terms})
 
 
 def collect_pairs(terms: tuple[Term, ...], student_taps: dict, teacher_taps: dict,
@@ -123,28 +171,31 @@ class Projector(nn.Module):
             for level, named in pairs.items()}
 
 
-def distillation_losses(terms: tuple[Term, ...], pairs: dict[str, dict[str, Pair]],
-                        hparams: Mapping[str, Mapping[str, Any]], labels: Array) -> dict[str, Array]:
-  """Term name -> unweighted loss, averaged over the term's pairs (e.g. over mapped layers).
+def pair_loss(method: Callable[..., Array], info: MethodInfo, pair: Pair, kwargs: Mapping[str, Any]) -> Array:
+  """`method`'s loss on one pair, with keyword arguments `kwargs` (its hyperparameters, and labels).
 
-  Where a pair's feature axis has padding (`Pair.feature_mask`), those features are zeroed on
+  Where the pair's feature axis has padding (`Pair.feature_mask`), those features are zeroed on
   both sides, which makes sums over features exact (cosine, energy maps, batch distances); a
   method that declares a `feature_mask` argument also receives it (means over features, kl).
   """
+  student, teacher, extra = pair.student, pair.teacher, {}
+  if pair.feature_mask is not None:
+    real = jnp.broadcast_to(pair.feature_mask, student.shape)
+    student, teacher = jnp.where(real, student, 0.0), jnp.where(real, teacher, 0.0)
+    extra = {'feature_mask': real} if info.takes_feature_mask else {}
+  return method(student, teacher, pair.mask, **kwargs, **extra)
+
+
+def distillation_losses(terms: tuple[Term, ...], pairs: dict[str, dict[str, Pair]],
+                        hparams: Mapping[str, Mapping[str, Any]], labels: Array) -> dict[str, Array]:
+  """Term name -> unweighted loss (`pair_loss`), averaged over the term's pairs (e.g. over mapped
+  layers); each term's method gets `term_hparams(term, hparams)`, and the labels if it takes them."""
   losses = {}
   for term in terms:
-    method = METHODS.get(term.method)
-    accepted = inspect.signature(method).parameters
-    kwargs = dict(hparams.get(term.method, {}))
-    if 'labels' in accepted:
+    info = METHODS.info(term.method)
+    kwargs = term_hparams(term, hparams)
+    if info.takes_labels:
       kwargs['labels'] = labels
-    values = []
-    for p in pairs[term.level].values():
-      student, teacher, extra = p.student, p.teacher, {}
-      if p.feature_mask is not None:
-        real = jnp.broadcast_to(p.feature_mask, student.shape)
-        student, teacher = jnp.where(real, student, 0.0), jnp.where(real, teacher, 0.0)
-        extra = {'feature_mask': real} if 'feature_mask' in accepted else {}
-      values.append(method(student, teacher, p.mask, **kwargs, **extra))
+    values = [pair_loss(METHODS.get(term.method), info, p, kwargs) for p in pairs[term.level].values()]
     losses[term.name] = sum(values) / len(values)
   return losses

@@ -5,8 +5,13 @@ reads the named taps both models return ('logits', 'pooled', 'hidden', 'attn') a
 pairs student and teacher tensors of matching leading shape, with the mask of their
 real rows. The teacher's taps for the student's modality are its stream on that
 modality's token positions, so hidden states and attention rows line up by position.
-A pair's teacher side must depend on the teacher's taps and the example's own mask alone:
-distilled runs compute it once per training example (`train.teacher_targets`).
+
+A level registers with `@LEVELS.register('name', cacheable=...)`. `cacheable=True` declares
+that each pair's teacher side depends on that example's teacher taps and mask alone (not on
+the student, nor on other examples of the batch): distilled runs may then compute it once per
+training example (`config.distill.cache_teacher`, `train.teacher_targets`). The default,
+False, runs the teacher in every step, so a level that normalises over the batch never
+trains on stale targets.
 """
 import dataclasses
 from typing import Any, Callable
@@ -14,6 +19,7 @@ from typing import Any, Callable
 from flax import struct
 import jax.numpy as jnp
 
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.registry import Registry
 
 Array = Any
@@ -41,7 +47,22 @@ class LevelContext:
   layer_map: tuple[tuple[int, int], ...]  # (student layer, teacher layer) pairs, 0-based
 
 
-LEVELS: Registry[Callable[[dict, dict, LevelContext], dict[str, Pair]]] = Registry('distillation level')
+@dataclasses.dataclass(frozen=True)
+class LevelInfo:
+  """What a level's registration says about it."""
+  cacheable: bool  # each pair's teacher side depends on the example's teacher taps and mask alone
+
+
+def describe_level(name: str, function: Callable, *, cacheable: bool = False) -> LevelInfo:
+  """Checks a level's registration keywords (see the module docstring)."""
+  if not isinstance(cacheable, bool):
+    raise ConfigError(f'distillation level {name!r} ({getattr(function, "__module__", "?")}): '
+                      f'cacheable={cacheable!r} must be True or False')
+  return LevelInfo(cacheable)
+
+
+LEVELS: Registry[Callable[[dict, dict, LevelContext], dict[str, Pair]]] = Registry('distillation level',
+                                                                                    describe_level)
 
 
 def resolve_layer_map(spec: str, student_depth: int, teacher_depth: int) -> tuple[tuple[int, int], ...]:
@@ -57,28 +78,28 @@ def resolve_layer_map(spec: str, student_depth: int, teacher_depth: int) -> tupl
     try:
       s, t = (int(v) for v in item.split(':'))
     except ValueError:
-      raise ValueError(f"config.distill.layer_map: bad entry {item!r}; expected 'student:teacher' integer pairs "
+      raise ConfigError(f"config.distill.layer_map: bad entry {item!r}; expected 'student:teacher' integer pairs "
                        "such as '0:1,1:3'") from None
     if not (0 <= s < student_depth and 0 <= t < teacher_depth):
-      raise ValueError(f'config.distill.layer_map: entry {item!r} is out of range; student layers are '
+      raise ConfigError(f'config.distill.layer_map: entry {item!r} is out of range; student layers are '
                        f'0..{student_depth - 1}, teacher layers 0..{teacher_depth - 1}')
     pairs.append((s, t))
   return tuple(pairs)
 
 
-@LEVELS.register('logits')
+@LEVELS.register('logits', cacheable=True)
 def logits_level(student: dict, teacher: dict, context: LevelContext) -> dict[str, Pair]:
   """Output logits (B, C)."""
   return {'logits': Pair(student['logits'], teacher['logits'], context.example_weight, False)}
 
 
-@LEVELS.register('pooled')
+@LEVELS.register('pooled', cacheable=True)
 def pooled_level(student: dict, teacher: dict, context: LevelContext) -> dict[str, Pair]:
   """The pooled representation the head reads (teacher: all streams concatenated)."""
   return {'pooled': Pair(student['pooled'], teacher['pooled'], context.example_weight, True)}
 
 
-@LEVELS.register('hidden')
+@LEVELS.register('hidden', cacheable=True)
 def hidden_level(student: dict, teacher: dict, context: LevelContext) -> dict[str, Pair]:
   """Per-layer hidden states (B, L, W) on the student's token positions, per the layer map."""
   s_states, t_states = student['hidden'][context.modality], teacher['hidden'][context.modality]
@@ -99,7 +120,7 @@ def query_affinity(probs: Array, query_mask: Array) -> Array:
   return jnp.log(affinity + 1e-8)
 
 
-@LEVELS.register('attention')
+@LEVELS.register('attention', cacheable=True)
 def attention_level(student: dict, teacher: dict, context: LevelContext) -> dict[str, Pair]:
   """Attention maps compared as query affinities (see `query_affinity`), per the layer map.
 

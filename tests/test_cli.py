@@ -18,7 +18,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize('args, message', [
     (('mmkd_jax.main', '--config=configs/nope.py'),
-     "--config='configs/nope.py': no such file; config files there: default.py, distill.py"),
+     "--config='configs/nope.py': no such file; config files there: arrays.py, default.py, distill.py"),
     (('mmkd_jax.main', '--config=configs/distill.py', '--config.train.nope=1'),
      "--config.train.nope: config.train has no key 'nope' in configs/distill.py; its keys: batch_size,"),
     (('mmkd_jax.main', '--config=configs/distill.py', '--config.train.num_steps=abc'),

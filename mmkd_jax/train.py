@@ -510,7 +510,10 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
       batch = shard_local_batch(next(train_iter), data_sharding)
       state, metrics = step_fn(state, batch, step_rng, teacher_params)
       if float(metrics['nonfinite'].total):
-        bad = ', '.join(k for k, v in compute_metrics(metrics).items() if not np.isfinite(v))
+        # jit returns dicts with sorted keys: name the loss and its terms first, then the norms.
+        bad = ', '.join(sorted((k for k, v in compute_metrics(metrics).items() if not np.isfinite(v)),
+                               key=lambda k: (k not in ('loss', 'task_loss') and not k.startswith('distill_'),
+                                              k != 'loss', k != 'task_loss', k)))
         if not config.train.skip_nonfinite:
           manager.wait_until_finished()
           raise FloatingPointError(

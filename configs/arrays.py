@@ -24,6 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.teacher.modalities = ''
   # The one key the student sees; one of the teacher's modalities.
   config.student.modality = ''
+  # One projection for every frame plus a position embedding, as for sequences; 'per_position' fits
+  # tabular features cut into chunks (configs/default.py).
+  config.teacher.embedding = config.student.embedding = 'shared'
   # MSE on hidden states and logits fits every task kind (KL and DKD need classes).
   config.distill.terms = 'hidden:mse:1.0,logits:mse:1.0'
   if arg == 'tiny':

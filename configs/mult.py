@@ -26,11 +26,14 @@ def get_config(dataset: str = 'mosei_senti', job: str = 'distill') -> ml_collect
   config.teacher.num_heads = 4
   config.teacher.num_cross_layers = 2
   config.teacher.num_self_layers = 1
+  # Frames and words: one projection for every position (per-position maps suit tabular views).
+  config.teacher.embedding = 'shared'
   # The one modality of the student: 'text', 'audio' or 'vision'.
   config.student.modality = 'text'
   config.student.width = 40
   config.student.num_heads = 4
   config.student.num_layers = 3
+  config.student.embedding = 'shared'
   # Regression (MOSI/MOSEI) and multilabel (IEMOCAP) outputs are not class distributions: KL/DKD do not
   # apply at the logits level, MSE/L1 do. Hidden states transfer the teacher's fused text stream.
   config.distill.terms = 'hidden:mse:1.0,logits:mse:1.0'

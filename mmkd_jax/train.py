@@ -53,7 +53,7 @@ def create_model(config: ml_collections.ConfigDict, info: data.TaskInfo, role: s
   section = config[role]
   common = dict(num_outputs=info.num_outputs, width=section.width, num_heads=section.num_heads,
                 mlp_ratio=section.mlp_ratio, dropout_rate=section.dropout_rate,
-                dtype=jnp.dtype(config.train.compute_dtype))
+                embedding=section.embedding, dtype=jnp.dtype(config.train.compute_dtype))
   if role == 'teacher':
     return MODELS.get('teacher')(modalities=validation.teacher_modalities(config), num_cross_layers=section.num_cross_layers,
                                  num_self_layers=section.num_self_layers, **common)

@@ -9,6 +9,7 @@ import ml_collections
 
 from mmkd_jax import data, distill, optimizers, plugins, runtime, stats
 from mmkd_jax.errors import ConfigError
+from mmkd_jax.models.tokens import EMBEDDINGS
 
 JOBS = ('teacher', 'student', 'distill')
 
@@ -78,6 +79,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _choice('data.name', config.data.name, data.DATASETS.names())
   _choice('train.optimizer', config.train.optimizer, optimizers.OPTIMIZERS.names())
   _choice('train.schedule', config.train.schedule, optimizers.SCHEDULES.names())
+  for role in ('teacher', 'student'):
+    _choice(f'{role}.embedding', config[role].embedding, EMBEDDINGS.names())
   _choice('train.compute_dtype', config.train.compute_dtype, ('float32', 'bfloat16'))
   _choice('host.cpu_dispatch', config.host.cpu_dispatch, runtime.CPU_DISPATCH)
   _choice('distributed.initialize', config.distributed.initialize, runtime.DISTRIBUTED_INITIALIZE)

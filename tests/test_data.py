@@ -14,7 +14,7 @@ from mmkd_jax.data import synthetic
 
 CSV_DIR = pathlib.Path('/work/shared/data/mfeat')
 SPLITS = ('train', 'validation', 'test')
-TOKEN_SHAPES = {'fou': (19, 4), 'fac': (18, 12), 'kar': (16, 4), 'pix': (16, 15),
+TOKEN_SHAPES = {'fou': (4, 19), 'fac': (18, 12), 'kar': (16, 4), 'pix': (16, 15),
                 'zer': (12, 4), 'mor': (1, 6)}
 
 
@@ -247,7 +247,7 @@ def _ids(batch, ids, modality='m0'):
 def test_train_batches_shapes_and_dtypes(mfeat_builder):
   batch = next(pipeline.train_iterator(mfeat_builder, ['fou', 'pix'], 64, seed=0))
   assert set(batch) == {'fou', 'fou_mask', 'pix', 'pix_mask', 'label', 'weight'}
-  assert batch['fou'].shape == (64, 19, 4) and batch['fou'].dtype == np.float32
+  assert batch['fou'].shape == (64, 4, 19) and batch['fou'].dtype == np.float32
   assert batch['pix'].shape == (64, 16, 15) and batch['pix_mask'].shape == (64, 16)
   assert batch['pix_mask'].dtype == bool
   assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32

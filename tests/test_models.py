@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmkd_jax.models import MODELS, Student, Teacher, layers
+from mmkd_jax.models import MODELS, Student, Teacher, layers, tokens
 
 B, W, H, C = 3, 8, 2, 5
 # Tiny models: XLA's backend optimisations cost more compile time than they save.
@@ -29,9 +29,9 @@ def _batch(modalities, seed=0):
   return batch
 
 
-def _teacher(modalities, dtype=jnp.float32):
+def _teacher(modalities, dtype=jnp.float32, embedding='shared'):
   return Teacher(modalities=tuple(modalities), num_outputs=C, width=W, num_heads=H, num_cross_layers=1,
-                 num_self_layers=1, mlp_ratio=2, dropout_rate=0.5, dtype=dtype)
+                 num_self_layers=1, mlp_ratio=2, dropout_rate=0.5, embedding=embedding, dtype=dtype)
 
 
 def _student(dtype=jnp.float32):
@@ -181,10 +181,11 @@ def test_padding_values_do_not_matter(kind):
       assert not np.allclose(np.asarray(h2)[~real], np.asarray(h)[~real])
 
 
-def test_a_fully_missing_modality_feeds_nothing_into_the_teacher():
+@pytest.mark.parametrize('embedding', ['shared', 'per_position'])
+def test_a_fully_missing_modality_feeds_nothing_into_the_teacher(embedding):
   """Every token of modality b padded (a missing modality): a's queries attend to no b key (zero
   probabilities, zero context), so b's features and its learned position embeddings change nothing."""
-  model = _teacher(('a', 'b'))
+  model = _teacher(('a', 'b'), embedding=embedding)
   params, apply = _init(model)
   batch = dict(_batch(('a', 'b')))
   batch['b_mask'] = jnp.zeros_like(batch['b_mask'])
@@ -192,9 +193,28 @@ def test_a_fully_missing_modality_feeds_nothing_into_the_teacher():
   assert np.all(np.asarray(taps['attn']['a'][0]) == 0.0)  # a's cross-attention over b's keys
   changed = jax.tree_util.tree_map_with_path(
       lambda path, x: x + 1.0 if 'embed_b' in jax.tree_util.keystr(path) else x, params)
-  assert not np.array_equal(changed['params']['embed_b']['position'], params['params']['embed_b']['position'])
+  position = 'position' if embedding == 'shared' else 'bias'
+  assert not np.array_equal(changed['params']['embed_b'][position], params['params']['embed_b'][position])
   scrambled = {**batch, 'b': 100 * batch['b'] + 1}
   np.testing.assert_array_equal(apply(changed, scrambled)[1]['pooled'][:, :W], taps['pooled'][:, :W])
+
+
+def test_per_position_embedding_matches_float64_per_position_affine_maps():
+  """Token l of the per-position embedding is x_l @ kernel_l + bias_l with its own kernel per position:
+  a float64 NumPy loop over positions gives the same tokens, and a shared kernel would not."""
+  embed = tokens.PerPositionEmbed(W)
+  x = np.random.default_rng(0).normal(size=(B, 4, 3))
+  params = embed.init(jax.random.key(0), jnp.asarray(x, jnp.float32))['params']
+  kernel, bias = (np.asarray(params[k], np.float64) for k in ('kernel', 'bias'))
+  assert kernel.shape == (4, 3, W) and bias.shape == (4, W)
+  assert not np.allclose(kernel[0], kernel[1])  # positions start with different maps
+  want = np.stack([x[:, l] @ kernel[l] + bias[l] for l in range(4)], axis=1)
+  np.testing.assert_allclose(embed.apply({'params': params}, jnp.asarray(x, jnp.float32)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_embedding_names_the_choices():
+  with pytest.raises(ValueError, match="unknown token embedding 'rows'; valid choices: per_position, shared"):
+    _teacher(('a', 'b'), embedding='rows').init(jax.random.key(0), _batch(('a', 'b')))
 
 
 def test_bfloat16_attention_logits_are_float32():

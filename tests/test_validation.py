@@ -23,6 +23,7 @@ CASES = [
     ('data.name', 'mnist', "config.data.name='mnist' is unknown; valid choices: arrays, iemocap, mfeat, mosei_senti"),
     ('train.optimizer', 'lamb', "config.train.optimizer='lamb' is unknown; valid choices: adam, adamw, sgd"),
     ('train.schedule', 'step', "config.train.schedule='step' is unknown; valid choices: constant, cosine, linear"),
+    ('student.embedding', 'rows', "config.student.embedding='rows' is unknown; valid choices: per_position, shared"),
     ('train.compute_dtype', 'float16', "config.train.compute_dtype='float16' is unknown"),
     ('distill.terms', 'logitz:kl:1', "config.distill.terms: unknown distillation level 'logitz' in 'logitz:kl:1'; "
      'valid choices: attention, hidden, logits, pooled'),

@@ -15,9 +15,11 @@ import tensorflow_datasets as tfds
 from mmkd_jax.data.local_builder import LocalCodePath, LocalDatasetInfo
 
 # View -> (number of features, features per token). The last token of a view is zero
-# padded; pix tokens of 15 are the rows of its 15x16 image.
+# padded; pix tokens of 15 are the rows of its 15x16 image. fou's 76 coefficients make 4
+# tokens of 19: with a per-position embedding, the student scores 0.827 +- 0.010 (5 seeds)
+# against 0.818 +- 0.009 with 19 tokens of 4, at a fifth of the tokens (docs/mfeat_defaults.md).
 VIEWS: dict[str, tuple[int, int]] = {
-    'fou': (76, 4),
+    'fou': (76, 19),
     'fac': (216, 12),
     'kar': (64, 4),
     'pix': (240, 15),
@@ -98,8 +100,8 @@ def tokenize(x: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
 class Mfeat(LocalCodePath, tfds.core.GeneratorBasedBuilder):
   """UCI Multiple Features as six token-sequence views with a 1400/300/300 stratified split."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.', '1.1.0': 'fou in 4 tokens of 19 features (was 19 of 4).'}
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = {}

@@ -4,7 +4,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmkd_jax.models.layers import Block, Embed, Head, LayerNorm, masked_mean
+from mmkd_jax.models.layers import Block, Head, LayerNorm, masked_mean
+from mmkd_jax.models.tokens import EMBEDDINGS
 
 Array = Any
 
@@ -24,12 +25,14 @@ class Student(nn.Module):
   num_layers: int = 2
   mlp_ratio: int = 4
   dropout_rate: float = 0.1
+  # How feature chunks become tokens: a name in models/tokens.py's EMBEDDINGS.
+  embedding: str = 'shared'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, batch: dict[str, Array], *, train: bool = False) -> tuple[Array, dict]:
     mask = batch[f'{self.modality}_mask']
-    x = Embed(self.width, self.dtype, name='embed')(batch[self.modality])
+    x = EMBEDDINGS.get(self.embedding)(self.width, self.dtype, name='embed')(batch[self.modality])
     states, maps = [], []
     for layer in range(self.num_layers):
       x, probs = Block(self.num_heads, self.mlp_ratio, self.dropout_rate, self.dtype,

@@ -4,7 +4,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmkd_jax.models.layers import Block, Embed, Head, LayerNorm, masked_mean
+from mmkd_jax.models.layers import Block, Head, LayerNorm, masked_mean
+from mmkd_jax.models.tokens import EMBEDDINGS
 
 Array = Any
 
@@ -12,8 +13,8 @@ Array = Any
 class Teacher(nn.Module):
   """Cross-attention fusion transformer over N modalities (MulT-style).
 
-  Each modality m is projected to `width` with a learned position embedding. Its
-  stream then passes `num_cross_layers` blocks whose queries are m's tokens and whose
+  Each modality m's feature chunks become `width`-wide tokens (`embedding`). Its stream
+  then passes `num_cross_layers` blocks whose queries are m's tokens and whose
   keys/values are the projected tokens of every other modality (concatenated), then
   `num_self_layers` self-attention blocks. Streams are mean-pooled over real tokens,
   concatenated, and fed to an MLP head.
@@ -31,13 +32,16 @@ class Teacher(nn.Module):
   num_self_layers: int = 0
   mlp_ratio: int = 4
   dropout_rate: float = 0.1
+  # How feature chunks become tokens: a name in models/tokens.py's EMBEDDINGS.
+  embedding: str = 'shared'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, batch: dict[str, Array], *, train: bool = False) -> tuple[Array, dict]:
     if len(self.modalities) < 2:
       raise ValueError(f'the teacher needs at least two modalities, got {list(self.modalities)}')
-    embedded = {m: Embed(self.width, self.dtype, name=f'embed_{m}')(batch[m]) for m in self.modalities}
+    embed = EMBEDDINGS.get(self.embedding)
+    embedded = {m: embed(self.width, self.dtype, name=f'embed_{m}')(batch[m]) for m in self.modalities}
     masks = {m: batch[f'{m}_mask'] for m in self.modalities}
     index = batch.get('example_index')
     block = lambda name: Block(self.num_heads, self.mlp_ratio, self.dropout_rate, self.dtype, name=name)

@@ -53,7 +53,7 @@ def create_model(config: ml_collections.ConfigDict, info: data.TaskInfo, role: s
   section = config[role]
   common = dict(num_outputs=info.num_outputs, width=section.width, num_heads=section.num_heads,
                 mlp_ratio=section.mlp_ratio, dropout_rate=section.dropout_rate,
-                dtype=jnp.dtype(config.train.compute_dtype))
+                dtype=jnp.dtype(config.train.compute_dtype), kernels=config.train.kernels)
   if role == 'teacher':
     return MODELS.get('teacher')(modalities=validation.teacher_modalities(config), num_cross_layers=section.num_cross_layers,
                                  num_self_layers=section.num_self_layers, **common)
@@ -342,7 +342,7 @@ def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, dis
       'role': role, 'seed': seed, role: config[role].to_dict(),
       'data': {k: v for k, v in config.data.to_dict().items() if k not in ('data_dir', 'manual_dir')},
       'train': {k: v for k, v in config.train.to_dict().items()
-                if k not in ('log_every', 'eval_batch_size', 'skip_nonfinite')},
+                if k not in ('log_every', 'eval_batch_size', 'skip_nonfinite', 'kernels')},
   }
   if distilled:
     fingerprint['teacher'] = config.teacher.to_dict()

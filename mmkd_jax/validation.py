@@ -8,6 +8,7 @@ import os
 import ml_collections
 
 from mmkd_jax import data, distill, optimizers, runtime
+from mmkd_jax.models import layers
 
 JOBS = ('teacher', 'student', 'distill')
 WIDTH_AGNOSTIC_METHODS = ('attention_transfer', 'relational')
@@ -62,6 +63,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _choice('train.optimizer', config.train.optimizer, optimizers.OPTIMIZERS.names())
   _choice('train.schedule', config.train.schedule, optimizers.SCHEDULES.names())
   _choice('train.compute_dtype', config.train.compute_dtype, ('float32', 'bfloat16'))
+  _choice('train.kernels', config.train.kernels, layers.KERNELS)
   _choice('host.cpu_dispatch', config.host.cpu_dispatch, runtime.CPU_DISPATCH)
   _choice('distributed.initialize', config.distributed.initialize, runtime.DISTRIBUTED_INITIALIZE)
   for path in ('teacher.width', 'teacher.num_heads', 'teacher.num_cross_layers', 'teacher.mlp_ratio',

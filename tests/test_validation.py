@@ -23,6 +23,7 @@ CASES = [
     ('train.optimizer', 'lamb', "config.train.optimizer='lamb' is unknown; valid choices: adam, adamw, sgd"),
     ('train.schedule', 'step', "config.train.schedule='step' is unknown; valid choices: constant, cosine, linear"),
     ('train.compute_dtype', 'float16', "config.train.compute_dtype='float16' is unknown"),
+    ('train.kernels', 'gpu', "config.train.kernels='gpu' is unknown; valid choices: auto, cpu, flax"),
     ('distill.terms', 'logitz:kl:1', "config.distill.terms: unknown distillation level 'logitz' in 'logitz:kl:1'; "
      'valid choices: attention, hidden, logits, pooled'),
     ('distill.terms', 'logits:kld:1', "config.distill.terms: unknown distillation method 'kld' in 'logits:kld:1'; "

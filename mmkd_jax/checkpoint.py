@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from mmkd_jax.errors import ConfigError
+
 SCORE = 'score'  # key of the higher-is-better validation score stored with each checkpoint
 
 
@@ -122,8 +124,8 @@ def claim_run_dir(run_dir: str, fingerprint: dict, overwrite: bool,
     found = upgrade(found)
     difference = first_difference(found, fingerprint)
     if difference and not overwrite:
-      raise ValueError(f'{run_dir} holds a run of another config ({difference}); use another --workdir or '
-                       'set --config.overwrite=True to replace it')
+      raise ConfigError(f'{run_dir} holds a run of another config ({difference}); use another --workdir or '
+                        'set --config.overwrite=True to replace it')
     if difference and jax.process_index() == 0:
       shutil.rmtree(run_dir)
   # On multi-host runs process 0 changes the (shared) directory while the others wait.

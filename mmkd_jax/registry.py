@@ -1,10 +1,12 @@
 """A tiny name -> object registry, filled by a decorator next to each entry.
 
 Distillation methods, levels, datasets and models are looked up by name; an unknown
-name raises a one-line `ValueError` that lists the known ones, so a bad config fails
+name raises a one-line `ConfigError` that lists the known ones, so a bad config fails
 at parse time, before anything compiles.
 """
 from typing import Callable, Generic, Iterator, TypeVar
+
+from mmkd_jax.errors import ConfigError
 
 T = TypeVar('T')
 
@@ -28,7 +30,7 @@ class Registry(Generic[T]):
   def get(self, name: str) -> T:
     """Returns the entry called `name` or fails naming the valid choices."""
     if name not in self._entries:
-      raise ValueError(f'unknown {self.kind} {name!r}; valid choices: {", ".join(sorted(self._entries))}')
+      raise ConfigError(f'unknown {self.kind} {name!r}; valid choices: {", ".join(sorted(self._entries))}')
     return self._entries[name]
 
   def names(self) -> list[str]:

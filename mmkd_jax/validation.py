@@ -1,6 +1,6 @@
 """Config checks that run before any data is read or anything compiles.
 
-Each failure is a one-line `ValueError` naming the config key, the bad value and what
+Each failure is a one-line `errors.ConfigError` naming the config key, the bad value and what
 is allowed.
 """
 import os
@@ -8,6 +8,7 @@ import os
 import ml_collections
 
 from mmkd_jax import data, distill, optimizers, runtime
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.models import layers
 
 JOBS = ('teacher', 'student', 'distill')
@@ -26,8 +27,8 @@ def seeds(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   except ValueError:
     values = ()
   if not values or len(set(values)) != len(values):
-    raise ValueError(f'config.report.seeds={spec!r}: expected distinct comma-separated integers such as '
-                     "'0,1,2' (each seed is one baseline and one distilled run)")
+    raise ConfigError(f'config.report.seeds={spec!r}: expected distinct comma-separated integers such as '
+                      "'0,1,2' (each seed is one baseline and one distilled run)")
   return values
 
 
@@ -35,7 +36,7 @@ def workdir_path(workdir: str) -> str:
   """`workdir` as an absolute path; it must be a directory or not exist yet."""
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'--workdir={workdir!r} is a file; give a directory (it is created if missing)')
+    raise ConfigError(f'--workdir={workdir!r} is a file; give a directory (it is created if missing)')
   return path
 
 
@@ -48,12 +49,12 @@ def _positive(config: ml_collections.ConfigDict, path: str, allow_zero: bool = F
   for key in path.split('.'):
     value = value[key]
   if not (value >= 0 if allow_zero else value > 0):
-    raise ValueError(f'config.{path}={value!r} must be {">= 0" if allow_zero else "> 0"}')
+    raise ConfigError(f'config.{path}={value!r} must be {">= 0" if allow_zero else "> 0"}')
 
 
 def _choice(path: str, value: str, choices) -> None:
   if value not in choices:
-    raise ValueError(f'config.{path}={value!r} is unknown; valid choices: {", ".join(choices)}')
+    raise ConfigError(f'config.{path}={value!r} is unknown; valid choices: {", ".join(choices)}')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -78,21 +79,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _positive(config, path, allow_zero=True)
   for role in ('teacher', 'student'):
     if not config[role].dropout_rate < 1:
-      raise ValueError(f'config.{role}.dropout_rate={config[role].dropout_rate!r} must be < 1')
+      raise ConfigError(f'config.{role}.dropout_rate={config[role].dropout_rate!r} must be < 1')
     if config[role].width % config[role].num_heads:
-      raise ValueError(f'config.{role}.width={config[role].width} is not divisible by '
-                       f'config.{role}.num_heads={config[role].num_heads}')
+      raise ConfigError(f'config.{role}.width={config[role].width} is not divisible by '
+                        f'config.{role}.num_heads={config[role].num_heads}')
   if config.train.warmup_steps > config.train.num_steps:
-    raise ValueError(f'config.train.warmup_steps={config.train.warmup_steps} is more than config.train.num_steps='
-                     f'{config.train.num_steps}: the learning rate would never reach its peak')
+    raise ConfigError(f'config.train.warmup_steps={config.train.warmup_steps} is more than config.train.num_steps='
+                      f'{config.train.num_steps}: the learning rate would never reach its peak')
   if len(teacher_modalities(config)) < 2:
-    raise ValueError(f'config.teacher.modalities={config.teacher.modalities!r}: the teacher needs at least '
-                     'two comma-separated modalities')
+    raise ConfigError(f'config.teacher.modalities={config.teacher.modalities!r}: the teacher needs at least '
+                      'two comma-separated modalities')
   seeds(config)
   if config.job == 'distill':
     terms = distill.parse_terms(config.distill.terms)
     if not terms:
-      raise ValueError("config.distill.terms is empty; give at least one 'level:method:weight' entry")
+      raise ConfigError("config.distill.terms is empty; give at least one 'level:method:weight' entry")
     distill.validate_hparams(method_hparams(config))
     student_depth, teacher_depth = config.student.num_layers, config.teacher.num_cross_layers + config.teacher.num_self_layers
     distill.resolve_layer_map(config.distill.layer_map, student_depth, teacher_depth)  # raises if out of range
@@ -102,9 +103,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       width = teacher_widths.get(term.level, config.student.width)
       if (not config.distill.projection and width != config.student.width
           and term.method not in WIDTH_AGNOSTIC_METHODS):
-        raise ValueError(f'config.distill.projection=False but {term.name!r} compares student width '
-                         f'{config.student.width} with teacher width {width}; enable the projection, make '
-                         f'the widths equal or use one of {", ".join(WIDTH_AGNOSTIC_METHODS)}')
+        raise ConfigError(f'config.distill.projection=False but {term.name!r} compares student width '
+                          f'{config.student.width} with teacher width {width}; enable the projection, make '
+                          f'the widths equal or use one of {", ".join(WIDTH_AGNOSTIC_METHODS)}')
 
 
 def check_against_data(config: ml_collections.ConfigDict, info: data.TaskInfo) -> None:
@@ -115,9 +116,9 @@ def check_against_data(config: ml_collections.ConfigDict, info: data.TaskInfo) -
   _choice('student.modality', config.student.modality, known)
   if config.job == 'distill':
     if config.student.modality not in teacher_modalities(config):
-      raise ValueError(f'config.student.modality={config.student.modality!r} is not one of the teacher\'s '
-                       f'modalities {config.teacher.modalities!r}: levels below the logits need its stream')
+      raise ConfigError(f'config.student.modality={config.student.modality!r} is not one of the teacher\'s '
+                        f'modalities {config.teacher.modalities!r}: levels below the logits need its stream')
     for term in distill.parse_terms(config.distill.terms):
       if info.task != 'classification' and term.method in distill.CLASSIFICATION_METHODS:
-        raise ValueError(f'config.distill.terms: {term.name!r} needs class probabilities but the task of '
-                         f'{config.data.name!r} is {info.task}; use mse or l1 at the logits level')
+        raise ConfigError(f'config.distill.terms: {term.name!r} needs class probabilities but the task of '
+                          f'{config.data.name!r} is {info.task}; use mse or l1 at the logits level')

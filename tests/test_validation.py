@@ -5,6 +5,7 @@ import pytest
 
 from configs import study as study_config
 from mmkd_jax import checkpoint, data, train, validation
+from mmkd_jax.errors import ConfigError
 
 
 def _set(config, key: str, value) -> None:
@@ -79,21 +80,21 @@ DATA_CASES = [
 def test_modality_errors_name_key_and_value(tiny_config, key, value, message):
   _set(tiny_config, key, value)
   validation.check_config(tiny_config)
-  with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+  with pytest.raises(ConfigError, match=message.replace('(', r'\(')):
     validation.check_against_data(tiny_config, INFO)
 
 
 def test_student_modality_must_be_a_teacher_stream(tiny_config):
   tiny_config.teacher.modalities = 'm1,m2'
   info = data.TaskInfo({'m0': (8, 6), 'm1': (8, 6), 'm2': (8, 6)}, 'classification', 4)
-  with pytest.raises(ValueError, match="config.student.modality='m0' is not one of the teacher's modalities"):
+  with pytest.raises(ConfigError, match="config.student.modality='m0' is not one of the teacher's modalities"):
     validation.check_against_data(tiny_config, info)
 
 
 def test_hidden_level_between_widths_needs_the_projection(tiny_config):
   tiny_config.distill.terms = 'hidden:mse:1.0'
   tiny_config.distill.projection = False
-  with pytest.raises(ValueError, match="config.distill.projection=False but 'hidden/mse' compares student width 8 "
+  with pytest.raises(ConfigError, match="config.distill.projection=False but 'hidden/mse' compares student width 8 "
                                        'with teacher width 16'):
     validation.check_config(tiny_config)
   tiny_config.distill.terms = 'hidden:attention_transfer:1.0'  # width-agnostic: allowed

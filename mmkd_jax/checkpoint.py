@@ -85,21 +85,6 @@ def read_state(manager: ocp.CheckpointManager, step: int) -> dict:
   return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=as_numpy)))['state']
 
 
-def restore_params(directory: str, target: Any) -> tuple[Any, dict[str, float]]:
-  """Best checkpoint's `params` of a finished run in `directory`, with its metrics.
-
-  `target` is an abstract (or concrete) train state giving the tree structure.
-  """
-  manager = create_manager(directory)
-  step = manager.best_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {directory}')
-  state, _ = restore(manager, step, target)
-  metrics = dict(manager.metrics(step) or {})
-  manager.close()
-  return state.params, metrics
-
-
 def first_difference(old: Any, new: Any, path: str = '') -> str | None:
   if isinstance(old, dict) and isinstance(new, dict):
     for key in sorted(set(old) | set(new)):

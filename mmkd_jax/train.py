@@ -574,6 +574,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   builder = load_data(config)
   info = data.task_info(builder)
   validation.check_against_data(config, info)
+  if config.job in ('teacher', 'student'):
+    # The run's directory is the workdir: claim it before writing config.json there, since with
+    # config.overwrite claiming deletes a run of another config (train_run's own claim then finds this one).
+    checkpoint.claim_run_dir(workdir, run_fingerprint(config, config.job, config.seed, False), config.overwrite,
+                             upgrade=current_fingerprint)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))

@@ -129,6 +129,18 @@ def test_single_run_job_claims_its_workdir_before_writing_config_json(tiny_confi
   assert _saved_state(str(workdir))['step'] == 2
 
 
+def test_the_layer_kernels_reach_the_models_and_stay_out_of_the_run_fingerprint(tiny_config):
+  """config.train.kernels picks the models' layers; both choices share one parameter tree, so a run
+  trained with one resumes or is evaluated with the other."""
+  info = data.TaskInfo({'m0': (8, 6), 'm1': (8, 6)}, 'classification', 4)
+  fingerprints = []
+  for kernels in ('cpu', 'flax'):
+    tiny_config.train.kernels = kernels
+    assert {train.create_model(tiny_config, info, role).kernels for role in ('teacher', 'student')} == {kernels}
+    fingerprints.append(train.run_fingerprint(tiny_config, 'student', 0, distilled=False))
+  assert fingerprints[0] == fingerprints[1]
+
+
 def test_background_checkpoint_holds_the_state_of_its_step_while_training_donates_on(tmp_path):
   """checkpoint.save returns before the write ends; the steps that follow ask to donate the
   state's buffers, and the checkpoint must still hold the state of the step it was saved at."""

@@ -33,6 +33,7 @@ from tensorboardX import SummaryWriter
 
 from mmkd_jax import checkpoint, data, distill, evaluate, optimizers, report, runtime, validation
 from mmkd_jax.data import pipeline
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.models import MODELS
 
 Array = Any
@@ -384,14 +385,14 @@ def check_teacher_dir(config: ml_collections.ConfigDict, teacher_dir: str) -> No
   has_checkpoint = os.path.isdir(os.path.join(teacher_dir, 'checkpoints')) and any(
       name.isdigit() for name in os.listdir(os.path.join(teacher_dir, 'checkpoints')))
   if found is None or found.get('role') != 'teacher' or not has_checkpoint:
-    raise ValueError(f'config.distill.teacher_dir={teacher_dir!r} holds no trained teacher (run.json and '
-                     'checkpoints); train one with configs/teacher.py or leave teacher_dir empty')
+    raise ConfigError(f'config.distill.teacher_dir={teacher_dir!r} holds no trained teacher (run.json and '
+                      'checkpoints); train one with configs/teacher.py or leave teacher_dir empty')
   wanted = run_fingerprint(config, 'teacher', found['seed'], distilled=False)
   for section in ('teacher', 'data'):
     difference = checkpoint.first_difference(found[section], wanted[section], section)
     if difference:
-      raise ValueError(f'config.distill.teacher_dir={teacher_dir!r}: that teacher was trained with another '
-                       f'config ({difference})')
+      raise ConfigError(f'config.distill.teacher_dir={teacher_dir!r}: that teacher was trained with another '
+                        f'config ({difference})')
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info: data.TaskInfo,
@@ -437,8 +438,8 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   mesh = create_mesh(config)
   for key in ('batch_size', 'eval_batch_size'):
     if config.train[key] % mesh.shape['data']:
-      raise ValueError(f"config.train.{key}={config.train[key]} is not divisible by the {mesh.shape['data']} "
-                       'devices of the data axis (all processes)')
+      raise ConfigError(f"config.train.{key}={config.train[key]} is not divisible by the {mesh.shape['data']} "
+                        'devices of the data axis (all processes)')
   data_sharding = NamedSharding(mesh, PartitionSpec('data'))
   replicated = NamedSharding(mesh, PartitionSpec())
   model = create_model(config, info, role)
@@ -565,8 +566,8 @@ def load_data(config: ml_collections.ConfigDict) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.job` in `workdir` (see the module docstring) and returns its results."""
   if 'study' in config:
-    raise ValueError('this config has a config.study grid: run it with `python -m mmkd_jax.study --config=...`; '
-                     f'mmkd_jax.main runs one job (config.job, one of {", ".join(validation.JOBS)})')
+    raise ConfigError('this config has a config.study grid: run it with `python -m mmkd_jax.study --config=...`; '
+                      f'mmkd_jax.main runs one job (config.job, one of {", ".join(validation.JOBS)})')
   validation.check_config(config)
   workdir = validation.workdir_path(workdir)
   runtime.configure_host(config)

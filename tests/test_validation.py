@@ -125,7 +125,7 @@ def test_workdir_that_is_a_file_is_refused_before_anything_runs(tiny_config, tmp
 
 def test_missing_teacher_checkpoint(tiny_config, tmp_path):
   tiny_config.distill.teacher_dir = str(tmp_path / 'nowhere')
-  with pytest.raises(ValueError, match=r"config.distill.teacher_dir='.*nowhere' holds no trained teacher"):
+  with pytest.raises(ConfigError, match=r"config.distill.teacher_dir='.*nowhere' holds no trained teacher"):
     train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
 
 
@@ -138,7 +138,7 @@ def test_teacher_trained_on_other_modalities_or_shapes(tiny_config, tmp_path):
   train.check_teacher_dir(tiny_config, str(teacher_dir))  # the same config passes
   other = tiny_config.copy_and_resolve_references()
   other.teacher.modalities = 'm1,m0'
-  with pytest.raises(ValueError, match="teacher was trained with another config \\(teacher.modalities was 'm0,m1', "
+  with pytest.raises(ConfigError, match="teacher was trained with another config \\(teacher.modalities was 'm0,m1', "
                                        "now 'm1,m0'\\)"):
     train.check_teacher_dir(other, str(teacher_dir))
   other = tiny_config.copy_and_resolve_references()

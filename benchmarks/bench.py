@@ -71,6 +71,8 @@ def parse_args(argv=None):
                  help="config.host.cpu_dispatch='auto' + keep_freed_memory, as training runs do (0: JAX defaults)")
   p.add_argument('--cpu_dispatch', default='', choices=('', 'auto', 'sync', 'async'),
                  help="override config.host.cpu_dispatch ('' = what --host_tuning implies)")
+  p.add_argument('--kernels', default='auto', choices=('auto', 'cpu', 'flax'),
+                 help="the models' layers (config.train.kernels): the CPU kernels or Flax's")
   p.add_argument('--model_devices', default='',
                  help="devices per model, e.g. 'teacher=1,student=2' (default: all for every model)")
   return p.parse_args(argv)
@@ -111,8 +113,9 @@ def jax_batch(a, rng):
 def jax_model(name, a):
   if name == 'teacher':
     return Teacher(('a', 'b'), a.classes, width=a.d, num_heads=a.heads, num_cross_layers=a.layers,
-                   num_self_layers=0, dropout_rate=0.0)
-  return Student('a', a.classes, width=a.d, num_heads=a.heads, num_layers=a.layers, dropout_rate=0.0)
+                   num_self_layers=0, dropout_rate=0.0, kernels=a.kernels)
+  return Student('a', a.classes, width=a.d, num_heads=a.heads, num_layers=a.layers, dropout_rate=0.0,
+                 kernels=a.kernels)
 
 
 class JaxCase:
@@ -257,7 +260,7 @@ def main(argv=None):
           'cpus': os.cpu_count(), 'python': platform.python_version(), 'jax': jax.__version__,
           'backend': jax.default_backend(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'jax_devices': jax.device_count(), 'jax_device_kind': jax.devices()[0].device_kind,
-          'host_tuning': bool(a.host_tuning),
+          'host_tuning': bool(a.host_tuning), 'kernels': a.kernels,
           'batch': a.batch, 'steps': a.steps, 'rounds': a.rounds,
           'loadavg_1m_start': round(os.getloadavg()[0], 2)}
   if torch is not None:

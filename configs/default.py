@@ -95,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.warmup_steps = 50
   # Compute dtype of the models ('float32' or 'bfloat16'; parameters and losses stay float32).
   config.train.compute_dtype = 'float32'
+  # Layer implementations: 'cpu' (mmkd_jax.models.layers' CPU kernels, one flat gradient all-reduce),
+  # 'flax' (Flax's layers, XLA's collectives) or 'auto' (cpu on the CPU backend, flax on GPU/TPU).
+  # Both have the same parameters, so a checkpoint of one resumes or evaluates with the other.
+  config.train.kernels = 'auto'
   # Progress line / TensorBoard every log_every steps; validation + checkpoint every eval_every steps.
   config.train.log_every = 100
   config.train.eval_every = 100

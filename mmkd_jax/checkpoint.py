@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from mmkd_jax.errors import ConfigError
+
 SCORE = 'score'  # key of the higher-is-better validation score stored with each checkpoint
 
 
@@ -83,21 +85,6 @@ def read_state(manager: ocp.CheckpointManager, step: int) -> dict:
   return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=as_numpy)))['state']
 
 
-def restore_params(directory: str, target: Any) -> tuple[Any, dict[str, float]]:
-  """Best checkpoint's `params` of a finished run in `directory`, with its metrics.
-
-  `target` is an abstract (or concrete) train state giving the tree structure.
-  """
-  manager = create_manager(directory)
-  step = manager.best_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {directory}')
-  state, _ = restore(manager, step, target)
-  metrics = dict(manager.metrics(step) or {})
-  manager.close()
-  return state.params, metrics
-
-
 def first_difference(old: Any, new: Any, path: str = '') -> str | None:
   if isinstance(old, dict) and isinstance(new, dict):
     for key in sorted(set(old) | set(new)):
@@ -122,8 +109,8 @@ def claim_run_dir(run_dir: str, fingerprint: dict, overwrite: bool,
     found = upgrade(found)
     difference = first_difference(found, fingerprint)
     if difference and not overwrite:
-      raise ValueError(f'{run_dir} holds a run of another config ({difference}); use another --workdir or '
-                       'set --config.overwrite=True to replace it')
+      raise ConfigError(f'{run_dir} holds a run of another config ({difference}); use another --workdir or '
+                        'set --config.overwrite=True to replace it')
     if difference and jax.process_index() == 0:
       shutil.rmtree(run_dir)
   # On multi-host runs process 0 changes the (shared) directory while the others wait.

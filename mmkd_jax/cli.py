@@ -1,15 +1,15 @@
 """Command-line plumbing shared by `mmkd_jax.main` and `mmkd_jax.study`: bad input ends in one line.
 
-A missing config file, an override of a key the config does not have, and the project's own
-`ValueError`s (config checks, registries, refused workdirs) print `mmkd_jax: error: ...` and
-exit with status 2 instead of a traceback; any other exception keeps its traceback.
+A missing config file, an override of a key the config does not have, and `errors.ConfigError`
+(config checks, registries, refused workdirs, bad data files) print `mmkd_jax: error: ...` and
+exit with status 2 instead of a traceback; any other exception, the project's own internal
+`ValueError`s included, is a bug or an environment fault and keeps its traceback.
 """
 import contextlib
 import glob
 import importlib.util
 import os
 import sys
-import traceback
 from typing import Callable, Iterator, NoReturn
 
 from absl import app, flags
@@ -108,24 +108,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(reason)
 
 
-def _raised_by_project(error: BaseException) -> bool:
-  frames = traceback.extract_tb(error.__traceback__)
-  return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR + os.sep)
-
-
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-  """Turns a `ValueError` raised by the project's own code into a one-line error."""
+  """Turns a `ConfigError` (bad input the user fixes) into a one-line error; everything else
+  propagates with its traceback."""
   try:
     yield
-  except ValueError as error:
-    if not _raised_by_project(error):
-      raise
+  except ConfigError as error:
     fail(str(error))
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)` with the parsing above, and `main`'s own ValueErrors in one line."""
+  """`app.run(main)` with the parsing above, and `main`'s ConfigErrors in one line."""
   def guarded(argv: list[str]) -> None:
     console.configure()
     with one_line_errors():

@@ -17,6 +17,8 @@ from jax import export
 import jax.numpy as jnp
 import numpy as np
 
+from mmkd_jax.errors import ConfigError
+
 Array = Any
 # Written into every file; `load_exported` refuses any other.
 FORMAT = 'mmkd_jax.export/1'
@@ -73,8 +75,8 @@ def device_for(platforms: Sequence[str]) -> jax.Device:
     except RuntimeError:  # no such backend here
       continue
   available = sorted({d.platform for d in jax.local_devices()} | {'cpu'})
-  raise ValueError(f'the student was exported for platforms {list(platforms)}, none of which is available '
-                   f'here ({", ".join(available)}); export it again with one of those')
+  raise ConfigError(f'the student was exported for platforms {list(platforms)}, none of which is available '
+                    f'here ({", ".join(available)}); export it again with one of those')
 
 
 def load_exported(path: str) -> ExportedStudent:
@@ -82,6 +84,6 @@ def load_exported(path: str) -> ExportedStudent:
   with open(path, 'rb') as f, np.load(f, allow_pickle=False) as stored:
     metadata = json.loads(stored['metadata'].item())
     if metadata.get('format') != FORMAT:
-      raise ValueError(f'{path}: format {metadata.get("format")!r} is not {FORMAT!r}')
+      raise ConfigError(f'{path}: format {metadata.get("format")!r} is not {FORMAT!r}')
     exported = export.deserialize(bytearray(stored['stablehlo'].tobytes()))
   return ExportedStudent(exported, metadata)

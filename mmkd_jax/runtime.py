@@ -21,6 +21,8 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 
+from mmkd_jax.errors import ConfigError
+
 CPU_DISPATCH = ('auto', 'sync', 'async')
 DISTRIBUTED_INITIALIZE = ('auto', 'always', 'never')
 # Environment variables under which 'auto' starts jax.distributed (SLURM job, TPU pod on GKE / queued resources).
@@ -66,9 +68,9 @@ def configure_host(config: ml_collections.ConfigDict) -> None:
     except RuntimeError:  # backends already started (e.g. a second run in one process)
       have = len(jax.devices('cpu'))
       if have != host.cpu_devices:
-        raise ValueError(f'config.host.cpu_devices={host.cpu_devices} cannot take effect: JAX already '
-                         f'started with {have} CPU device(s) in this process; set it in a fresh process '
-                         'or use 0 to keep the current devices') from None
+        raise ConfigError(f'config.host.cpu_devices={host.cpu_devices} cannot take effect: JAX already '
+                          f'started with {have} CPU device(s) in this process; set it in a fresh process '
+                          'or use 0 to keep the current devices') from None
   sync = host.cpu_dispatch == 'sync' or (host.cpu_dispatch == 'auto' and host.cpu_devices <= 1)
   # Read when the CPU backend starts; a running backend keeps its setting.
   jax.config.update('jax_cpu_enable_async_dispatch', not sync)
@@ -114,8 +116,8 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     try:
       jax.distributed.initialize()
     except ValueError as error:  # JAX found no cluster to take the unset fields from
-      raise ValueError(f"config.distributed.initialize='always' but JAX detected no cluster ({error}); set "
-                       'config.distributed.coordinator_address (with num_processes and process_id) or use '
-                       "initialize='auto' or 'never'") from None
+      raise ConfigError(f"config.distributed.initialize='always' but JAX detected no cluster ({error}); set "
+                        'config.distributed.coordinator_address (with num_processes and process_id) or use '
+                        "initialize='auto' or 'never'") from None
   elif any(key in os.environ for key in CLUSTER_ENV):
     jax.distributed.initialize()

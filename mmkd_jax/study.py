@@ -32,6 +32,7 @@ import numpy as np
 
 from mmkd_jax import checkpoint, cli, data, distill, evaluate, export, plugins, reference, runtime, stats, train, validation
 from mmkd_jax.data import pipeline
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.registry import Registry
 
 # Platforms `jax.export` can lower the exported students for.
@@ -80,10 +81,10 @@ def _items(config: ml_collections.ConfigDict, key: str, example: str) -> list[st
   """The comma-separated entries of `config.study.<key>`: non-empty and without duplicates."""
   items = [s.strip() for s in str(config.study[key]).split(',') if s.strip()]
   if not items:
-    raise ValueError(f'config.study.{key} is empty; give comma-separated values such as {example!r}')
+    raise ConfigError(f'config.study.{key} is empty; give comma-separated values such as {example!r}')
   for item in items:
     if items.count(item) > 1:
-      raise ValueError(f'config.study.{key}={config.study[key]!r} lists {item!r} twice')
+      raise ConfigError(f'config.study.{key}={config.study[key]!r} lists {item!r} twice')
   return items
 
 
@@ -91,7 +92,7 @@ def _integers(config: ml_collections.ConfigDict, key: str, example: str, minimum
   items = _items(config, key, example)
   for item in items:
     if not item.isdigit() or int(item) < minimum:
-      raise ValueError(f'config.study.{key}: {item!r} is not an integer >= {minimum}; expected e.g. {example!r}')
+      raise ConfigError(f'config.study.{key}: {item!r} is not an integer >= {minimum}; expected e.g. {example!r}')
   return tuple(int(item) for item in items)
 
 
@@ -122,54 +123,54 @@ def run_config(config: ml_collections.ConfigDict, modality: str, width: int,
 def plan(config: ml_collections.ConfigDict, info: data.TaskInfo) -> Plan:
   """Checks the grid of `config.study` against the registries, the data and the budget.
 
-  Every failure is a one-line ValueError, raised before anything trains.
+  Every failure is a one-line ConfigError, raised before anything trains.
   """
   known = list(info.modalities)
   teacher_modalities = validation.teacher_modalities(config)
   modalities = _items(config, 'modalities', known[0])
   for m in modalities:
     if m not in known:
-      raise ValueError(f'config.study.modalities: {m!r} is unknown; valid choices: {", ".join(known)}')
+      raise ConfigError(f'config.study.modalities: {m!r} is unknown; valid choices: {", ".join(known)}')
     if m not in teacher_modalities:
-      raise ValueError(f'config.study.modalities: {m!r} is not one of the teacher\'s modalities '
-                       f'{config.teacher.modalities!r}; the hidden and attention levels need its stream')
+      raise ConfigError(f'config.study.modalities: {m!r} is not one of the teacher\'s modalities '
+                        f'{config.teacher.modalities!r}; the hidden and attention levels need its stream')
   widths = _integers(config, 'widths', f'{config.teacher.width},{config.teacher.width // 2}', 1)
   level_sets = []
   for combo in _items(config, 'levels', 'logits,hidden+logits'):
     levels = tuple(level.strip() for level in combo.split('+'))
     for level in levels:
       if level not in distill.LEVELS:
-        raise ValueError(f'config.study.levels: unknown distillation level {level!r} in {combo!r}; '
-                         f'valid choices: {", ".join(distill.LEVELS.names())} (combine with +)')
+        raise ConfigError(f'config.study.levels: unknown distillation level {level!r} in {combo!r}; '
+                          f'valid choices: {", ".join(distill.LEVELS.names())} (combine with +)')
     if len(set(levels)) != len(levels):
-      raise ValueError(f'config.study.levels: {combo!r} repeats a level')
+      raise ConfigError(f'config.study.levels: {combo!r} repeats a level')
     if set(levels) in [set(s) for s in level_sets]:
-      raise ValueError(f'config.study.levels: {combo!r} is listed twice')
+      raise ConfigError(f'config.study.levels: {combo!r} is listed twice')
     level_sets.append(levels)
   methods = _items(config, 'methods', 'kl,mse')
   methods = distill.METHODS.names() if methods == ['all'] else methods
   for method in methods:
     if method not in distill.METHODS:
-      raise ValueError(f'config.study.methods: unknown distillation method {method!r}; valid choices: '
-                       f'all, {", ".join(distill.METHODS.names())}')
+      raise ConfigError(f'config.study.methods: unknown distillation method {method!r}; valid choices: '
+                        f'all, {", ".join(distill.METHODS.names())}')
   seeds = _integers(config, 'seeds', '0,1', 0)
   all_metrics = metric_names(info)
   metrics = tuple(_items(config, 'metrics', all_metrics[0]))
   for metric in metrics:
     if metric not in all_metrics:
-      raise ValueError(f'config.study.metrics: {metric!r} is not a metric of the {info.task} task; '
-                       f'valid choices: {", ".join(all_metrics)}')
+      raise ConfigError(f'config.study.metrics: {metric!r} is not a metric of the {info.task} task; '
+                        f'valid choices: {", ".join(all_metrics)}')
   for name in (s.strip() for s in config.study.plots.split(',') if s.strip()):
     if name not in PLOTS:
-      raise ValueError(f'config.study.plots: unknown plot {name!r}; valid choices: {", ".join(PLOTS.names())}')
+      raise ConfigError(f'config.study.plots: unknown plot {name!r}; valid choices: {", ".join(PLOTS.names())}')
   platforms = tuple(_items(config, 'export_platforms', 'cpu'))
   for platform in platforms:
     if platform not in EXPORT_PLATFORMS:
-      raise ValueError(f'config.study.export_platforms: {platform!r} is unknown; valid choices: '
-                       f'{", ".join(EXPORT_PLATFORMS)}')
+      raise ConfigError(f'config.study.export_platforms: {platform!r} is unknown; valid choices: '
+                        f'{", ".join(EXPORT_PLATFORMS)}')
   for key in ('max_runs', 'max_minutes', 'minutes_per_run'):
     if not config.study[key] > 0:
-      raise ValueError(f'config.study.{key}={config.study[key]!r} must be > 0')
+      raise ConfigError(f'config.study.{key}={config.study[key]!r} must be > 0')
 
   students = tuple((m, w) for m in modalities for w in widths)
   cells, skipped = [], []
@@ -181,27 +182,27 @@ def plan(config: ml_collections.ConfigDict, info: data.TaskInfo) -> Plan:
       else:
         cells += [Cell(m, w, levels, method) for m, w in students]
   if not cells:
-    raise ValueError(f'config.study: every cell of the grid is skipped ({skipped[0][1]}, ...); '
-                     'add levels or methods that fit each other')
+    raise ConfigError(f'config.study: every cell of the grid is skipped ({skipped[0][1]}, ...); '
+                      'add levels or methods that fit each other')
   cells.sort(key=lambda c: students.index((c.modality, c.width)))
   num_runs = (len(cells) + len(students)) * len(seeds) + 1
   breakdown = (f'{len(cells)} cells x {len(seeds)} seeds + {len(students)} baselines x {len(seeds)} seeds '
                '+ 1 teacher')
   if num_runs > config.study.max_runs:
-    raise ValueError(f'config.study.max_runs={config.study.max_runs}: the grid needs {num_runs} training runs '
-                     f'({breakdown}); shrink the grid or raise the limit')
+    raise ConfigError(f'config.study.max_runs={config.study.max_runs}: the grid needs {num_runs} training runs '
+                      f'({breakdown}); shrink the grid or raise the limit')
   minutes = num_runs * config.study.minutes_per_run
   if minutes > config.study.max_minutes:
-    raise ValueError(f'config.study.max_minutes={config.study.max_minutes}: the grid needs about {minutes:g} '
-                     f'minutes ({num_runs} runs x config.study.minutes_per_run={config.study.minutes_per_run}); '
-                     'shrink the grid or raise the limit')
+    raise ConfigError(f'config.study.max_minutes={config.study.max_minutes}: the grid needs about {minutes:g} '
+                      f'minutes ({num_runs} runs x config.study.minutes_per_run={config.study.minutes_per_run}); '
+                      'shrink the grid or raise the limit')
   for cell in cells:
     cell_config = run_config(config, cell.modality, cell.width, cell.terms)
     try:
       validation.check_config(cell_config)
       validation.check_against_data(cell_config, info)
-    except ValueError as error:
-      raise ValueError(f'config.study cell {cell.id}: {error}') from None
+    except ConfigError as error:
+      raise ConfigError(f'config.study cell {cell.id}: {error}') from None
   return Plan(tuple(cells), tuple(skipped), students, seeds, metrics, platforms, num_runs)
 
 
@@ -252,8 +253,8 @@ def _finished(path: str, fingerprints: dict[str, dict], overwrite: bool) -> dict
   stored_prints = {seed: train.current_fingerprint(print_) for seed, print_ in stored['fingerprints'].items()}
   difference = checkpoint.first_difference(stored_prints, fingerprints)
   if difference and not overwrite:
-    raise ValueError(f'{path} holds results of another config ({difference}); use another --workdir or set '
-                     '--config.overwrite=True to recompute them')
+    raise ConfigError(f'{path} holds results of another config ({difference}); use another --workdir or set '
+                      '--config.overwrite=True to recompute them')
   return None if difference else stored
 
 
@@ -273,8 +274,8 @@ def _summary(runs: list[train.RunResult], fingerprints: dict[str, dict], start: 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the study of `config.study` in `workdir` and writes its tables and plots."""
   if 'study' not in config:
-    raise ValueError('this config has no config.study grid (configs/study.py and configs/study_full.py define '
-                     'one); run a single job with `python -m mmkd_jax.main --config=...`')
+    raise ConfigError('this config has no config.study grid (configs/study.py and configs/study_full.py define '
+                      'one); run a single job with `python -m mmkd_jax.main --config=...`')
   plugins.load(config.plugins)  # before the data and the grid name what they register
   workdir = validation.workdir_path(workdir)
   builder = data.load_builder(config.data)

@@ -33,6 +33,7 @@ from tensorboardX import SummaryWriter
 
 from mmkd_jax import checkpoint, data, distill, evaluate, optimizers, reference, report, runtime, validation
 from mmkd_jax.data import pipeline
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.models import MODELS
 
 Array = Any
@@ -53,7 +54,8 @@ def create_model(config: ml_collections.ConfigDict, info: data.TaskInfo, role: s
   section = config[role]
   common = dict(num_outputs=info.num_outputs, width=section.width, num_heads=section.num_heads,
                 mlp_ratio=section.mlp_ratio, dropout_rate=section.dropout_rate,
-                embedding=section.embedding, dtype=jnp.dtype(config.train.compute_dtype))
+                embedding=section.embedding, dtype=jnp.dtype(config.train.compute_dtype),
+                kernels=config.train.kernels)
   if role == 'teacher':
     return MODELS.get('teacher')(modalities=validation.teacher_modalities(config), num_cross_layers=section.num_cross_layers,
                                  num_self_layers=section.num_self_layers, **common)
@@ -353,7 +355,7 @@ def run_fingerprint(config: ml_collections.ConfigDict, role: str, seed: int, dis
       'data': {k: v for k, v in config.data.to_dict().items()
                if k not in ('data_dir', 'manual_dir') and not (k == 'arrays' and config.data.name != 'arrays')},
       'train': {k: v for k, v in config.train.to_dict().items()
-                if k not in ('log_every', 'eval_batch_size', 'skip_nonfinite')},
+                if k not in ('log_every', 'eval_batch_size', 'skip_nonfinite', 'kernels')},
   }
   if distilled:
     fingerprint['teacher'] = config.teacher.to_dict()
@@ -398,14 +400,14 @@ def check_teacher_dir(config: ml_collections.ConfigDict, teacher_dir: str) -> No
   has_checkpoint = os.path.isdir(os.path.join(teacher_dir, 'checkpoints')) and any(
       name.isdigit() for name in os.listdir(os.path.join(teacher_dir, 'checkpoints')))
   if found is None or found.get('role') != 'teacher' or not has_checkpoint:
-    raise ValueError(f'config.distill.teacher_dir={teacher_dir!r} holds no trained teacher (run.json and '
-                     'checkpoints); train one with configs/teacher.py or leave teacher_dir empty')
+    raise ConfigError(f'config.distill.teacher_dir={teacher_dir!r} holds no trained teacher (run.json and '
+                      'checkpoints); train one with configs/teacher.py or leave teacher_dir empty')
   wanted = run_fingerprint(config, 'teacher', found['seed'], distilled=False)
   for section in ('teacher', 'data'):
     difference = checkpoint.first_difference(found[section], wanted[section], section)
     if difference:
-      raise ValueError(f'config.distill.teacher_dir={teacher_dir!r}: that teacher was trained with another '
-                       f'config ({difference})')
+      raise ConfigError(f'config.distill.teacher_dir={teacher_dir!r}: that teacher was trained with another '
+                        f'config ({difference})')
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, info: data.TaskInfo,
@@ -451,8 +453,8 @@ def train_run(config: ml_collections.ConfigDict, role: str, run_dir: str, seed: 
   mesh = create_mesh(config)
   for key in ('batch_size', 'eval_batch_size'):
     if config.train[key] % mesh.shape['data']:
-      raise ValueError(f"config.train.{key}={config.train[key]} is not divisible by the {mesh.shape['data']} "
-                       'devices of the data axis (all processes)')
+      raise ConfigError(f"config.train.{key}={config.train[key]} is not divisible by the {mesh.shape['data']} "
+                        'devices of the data axis (all processes)')
   data_sharding = NamedSharding(mesh, PartitionSpec('data'))
   replicated = NamedSharding(mesh, PartitionSpec())
   model = create_model(config, info, role)
@@ -582,8 +584,8 @@ def load_data(config: ml_collections.ConfigDict) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.job` in `workdir` (see the module docstring) and returns its results."""
   if 'study' in config:
-    raise ValueError('this config has a config.study grid: run it with `python -m mmkd_jax.study --config=...`; '
-                     f'mmkd_jax.main runs one job (config.job, one of {", ".join(validation.JOBS)})')
+    raise ConfigError('this config has a config.study grid: run it with `python -m mmkd_jax.study --config=...`; '
+                      f'mmkd_jax.main runs one job (config.job, one of {", ".join(validation.JOBS)})')
   validation.check_config(config)
   workdir = validation.workdir_path(workdir)
   runtime.configure_host(config)
@@ -591,6 +593,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   builder = load_data(config)
   info = data.task_info(builder)
   validation.check_against_data(config, info)
+  if config.job in ('teacher', 'student'):
+    # The run's directory is the workdir: claim it before writing config.json there, since with
+    # config.overwrite claiming deletes a run of another config (train_run's own claim then finds this one).
+    checkpoint.claim_run_dir(workdir, run_fingerprint(config, config.job, config.seed, False), config.overwrite,
+                             upgrade=current_fingerprint)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))

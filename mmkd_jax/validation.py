@@ -1,6 +1,6 @@
 """Config checks that run before any data is read or anything compiles.
 
-Each failure is a one-line `ValueError` naming the config key, the bad value and what
+Each failure is a one-line `errors.ConfigError` naming the config key, the bad value and what
 is allowed.
 """
 import os
@@ -9,6 +9,7 @@ import ml_collections
 
 from mmkd_jax import data, distill, optimizers, plugins, runtime, stats
 from mmkd_jax.errors import ConfigError
+from mmkd_jax.models import layers
 from mmkd_jax.models.tokens import EMBEDDINGS
 
 JOBS = ('teacher', 'student', 'distill')
@@ -48,7 +49,7 @@ def workdir_path(workdir: str) -> str:
   """`workdir` as an absolute path; it must be a directory or not exist yet."""
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'--workdir={workdir!r} is a file; give a directory (it is created if missing)')
+    raise ConfigError(f'--workdir={workdir!r} is a file; give a directory (it is created if missing)')
   return path
 
 
@@ -63,12 +64,12 @@ def _positive(config: ml_collections.ConfigDict, path: str, allow_zero: bool = F
   for key in path.split('.'):
     value = value[key]
   if not (value >= 0 if allow_zero else value > 0):
-    raise ValueError(f'config.{path}={value!r} must be {">= 0" if allow_zero else "> 0"}')
+    raise ConfigError(f'config.{path}={value!r} must be {">= 0" if allow_zero else "> 0"}')
 
 
 def _choice(path: str, value: str, choices) -> None:
   if value not in choices:
-    raise ValueError(f'config.{path}={value!r} is unknown; valid choices: {", ".join(choices)}')
+    raise ConfigError(f'config.{path}={value!r} is unknown; valid choices: {", ".join(choices)}')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -82,6 +83,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for role in ('teacher', 'student'):
     _choice(f'{role}.embedding', config[role].embedding, EMBEDDINGS.names())
   _choice('train.compute_dtype', config.train.compute_dtype, ('float32', 'bfloat16'))
+  _choice('train.kernels', config.train.kernels, layers.KERNELS)
   _choice('host.cpu_dispatch', config.host.cpu_dispatch, runtime.CPU_DISPATCH)
   _choice('distributed.initialize', config.distributed.initialize, runtime.DISTRIBUTED_INITIALIZE)
   for path in ('teacher.width', 'teacher.num_heads', 'teacher.num_cross_layers', 'teacher.mlp_ratio',
@@ -96,16 +98,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _positive(config, path, allow_zero=True)
   for role in ('teacher', 'student'):
     if not config[role].dropout_rate < 1:
-      raise ValueError(f'config.{role}.dropout_rate={config[role].dropout_rate!r} must be < 1')
+      raise ConfigError(f'config.{role}.dropout_rate={config[role].dropout_rate!r} must be < 1')
     if config[role].width % config[role].num_heads:
-      raise ValueError(f'config.{role}.width={config[role].width} is not divisible by '
-                       f'config.{role}.num_heads={config[role].num_heads}')
+      raise ConfigError(f'config.{role}.width={config[role].width} is not divisible by '
+                        f'config.{role}.num_heads={config[role].num_heads}')
   if config.train.warmup_steps > config.train.num_steps:
-    raise ValueError(f'config.train.warmup_steps={config.train.warmup_steps} is more than config.train.num_steps='
-                     f'{config.train.num_steps}: the learning rate would never reach its peak')
+    raise ConfigError(f'config.train.warmup_steps={config.train.warmup_steps} is more than config.train.num_steps='
+                      f'{config.train.num_steps}: the learning rate would never reach its peak')
   if len(teacher_modalities(config)) < 2:
-    raise ValueError(f'config.teacher.modalities={config.teacher.modalities!r}: the teacher needs at least '
-                     'two comma-separated modalities')
+    raise ConfigError(f'config.teacher.modalities={config.teacher.modalities!r}: the teacher needs at least '
+                      'two comma-separated modalities')
   seeds(config)
   if config.job == 'distill':
     terms = distill.parse_terms(config.distill.terms)
@@ -134,8 +136,8 @@ def check_against_data(config: ml_collections.ConfigDict, info: data.TaskInfo) -
   _choice('student.modality', config.student.modality, known)
   if config.job == 'distill':
     if config.student.modality not in teacher_modalities(config):
-      raise ValueError(f'config.student.modality={config.student.modality!r} is not one of the teacher\'s '
-                       f'modalities {config.teacher.modalities!r}: levels below the logits need its stream')
+      raise ConfigError(f'config.student.modality={config.student.modality!r} is not one of the teacher\'s '
+                        f'modalities {config.teacher.modalities!r}: levels below the logits need its stream')
     for term in distill.parse_terms(config.distill.terms):
       if info.task != 'classification' and distill.METHODS.info(term.method).task == 'classification':
         raise ConfigError(f'config.distill.terms: {term.name!r} needs class probabilities but the task of '

@@ -1,11 +1,13 @@
-"""The command lines' bad-input handling: one line on stderr, exit status 2, nothing run."""
+"""The command lines' error handling: bad input is one line on stderr, exit status 2, nothing run;
+any other error keeps its traceback."""
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from mmkd_jax import cli
+from mmkd_jax import cli, metrics
 from mmkd_jax.registry import Registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,11 +38,43 @@ def test_bad_command_line_is_one_line_on_stderr(args, message, tmp_path):
   assert not (tmp_path / 'work').exists()
 
 
-def test_only_the_projects_own_value_errors_are_shortened():
+def test_only_config_errors_are_shortened():
   with pytest.raises(SystemExit) as ended:
     with cli.one_line_errors():
-      Registry('dataset').get('nope')  # a ValueError raised by the project's code
+      Registry('dataset').get('nope')  # a bad name in a config
   assert ended.value.code == 2
+  with pytest.raises(ValueError, match='pred has shape'):
+    with cli.one_line_errors():
+      metrics.accuracy(np.zeros(2), np.zeros(3))  # an internal check of the project: keeps its traceback
   with pytest.raises(ValueError, match='invalid literal'):
     with cli.one_line_errors():
-      int('x')  # raised outside the package: keeps its traceback
+      int('x')
+
+
+BROKEN_CONFIG = """
+import numpy as np
+
+from configs import default
+from mmkd_jax import metrics, validation
+from tests.conftest import shrink
+
+
+def check_config(config):
+  metrics.accuracy(np.zeros(2), np.zeros(3))  # an internal check of the project fails: a bug, not bad input
+
+
+def get_config():
+  validation.check_config = check_config
+  return shrink(default.get_config(), {data_dir!r})
+"""
+
+
+def test_an_internal_value_error_reaches_the_user_with_its_traceback(tmp_path):
+  config = tmp_path / 'broken.py'
+  config.write_text(BROKEN_CONFIG.format(data_dir=str(tmp_path / 'data')))
+  result = _run('mmkd_jax.main', f'--config={config}', f'--workdir={tmp_path / "work"}')
+  assert result.returncode == 1, result.stderr
+  assert 'Traceback (most recent call last)' in result.stderr
+  assert 'mmkd_jax/metrics.py' in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == 'ValueError: pred has shape (2,), label has shape (3,)'
+  assert 'mmkd_jax: error:' not in result.stderr

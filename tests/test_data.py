@@ -11,6 +11,7 @@ from mmkd_jax import data
 from mmkd_jax.data import mfeat
 from mmkd_jax.data import pipeline
 from mmkd_jax.data import synthetic
+from mmkd_jax.errors import ConfigError
 
 CSV_DIR = pathlib.Path('/work/shared/data/mfeat')
 SPLITS = ('train', 'validation', 'test')
@@ -136,7 +137,7 @@ def test_mfeat_packaged_copy_equals_csvs():
 @pytest.mark.parametrize('key, value, low', [('num_train', -5, 1), ('seq_len', 0, 1), ('num_modalities', 0, 1),
                                             ('num_classes', 1, 2)])
 def test_synthetic_sizes_out_of_range_name_the_key(key, value, low):
-  with pytest.raises(ValueError, match=rf'^config\.data\.synthetic\.{key}={value} must be >= {low}$'):
+  with pytest.raises(ConfigError, match=rf'^config\.data\.synthetic\.{key}={value} must be >= {low}$'):
     synthetic.make_builder_config({key: value})
 
 
@@ -201,7 +202,7 @@ def test_synthetic_label_needs_every_modality():
 
 
 def test_unknown_dataset_error_lists_choices(tmp_path):
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(ConfigError) as error:
     data.load_builder(_config(tmp_path, 'nope'))
   message = str(error.value)
   assert '\n' not in message and 'nope' in message
@@ -252,7 +253,7 @@ def test_train_batches_shapes_and_dtypes(mfeat_builder):
   assert batch['pix_mask'].dtype == bool
   assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
   np.testing.assert_array_equal(batch['weight'], np.ones(64, np.float32))
-  with pytest.raises(ValueError, match='no modalities'):
+  with pytest.raises(ConfigError, match='no modalities'):
     pipeline.train_iterator(mfeat_builder, ['fou', 'm0'], 64, seed=0)
 
 

@@ -1,5 +1,6 @@
 """Tests of the cross-attention teacher and the unimodal student: shapes, masks, dropout, dtypes."""
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -328,7 +329,8 @@ def test_softmax_and_its_derivatives_match_float64():
 
 def test_layer_norm_matches_flax_forward_and_float64_gradients():
   """layers.LayerNorm has Flax LayerNorm's parameters and forward values bit for bit (eager and under
-  jit), and its closed-form gradient matches float64 central differences for x, scale and bias."""
+  jit), and its closed-form derivative matches float64 central differences for x, scale and bias,
+  in reverse and in forward mode."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 3, 8)) * 3 + 1
   g = rng.normal(size=x.shape)
@@ -360,6 +362,11 @@ def test_layer_norm_matches_flax_forward_and_float64_gradients():
   np.testing.assert_allclose(dx, expected[0], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dparams['params']['scale'], expected[1], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dparams['params']['bias'], expected[2], rtol=1e-4, atol=1e-5)
+  # Forward mode: the derivative of sum(g * LayerNorm) along a direction t is <gradient, t>.
+  t = [rng.normal(size=value.shape) for value in point]
+  t_params = {'params': {'scale': jnp.asarray(t[1], jnp.float32), 'bias': jnp.asarray(t[2], jnp.float32)}}
+  _, dy = jax.jvp(ours.apply, (params, x32), (t_params, jnp.asarray(t[0], jnp.float32)))
+  np.testing.assert_allclose(np.vdot(g, dy), sum(np.vdot(e, d) for e, d in zip(expected, t)), rtol=1e-4)
 
 
 def test_dense_rejects_non_trailing_axes():
@@ -375,3 +382,59 @@ def test_jitted_init_draws_the_eager_parameters_bit_for_bit():
     eager = model.init(jax.random.key(seed), batch)['params']
     jitted = jax.jit(model.init)(jax.random.key(seed), batch)['params']
     chex.assert_trees_all_equal(jitted, eager)
+
+
+def test_use_cpu_kernels_follows_the_choice_and_the_backend():
+  assert layers.use_cpu_kernels('cpu') and not layers.use_cpu_kernels('flax')
+  assert layers.use_cpu_kernels('auto') == (jax.default_backend() == 'cpu')
+  with pytest.raises(ValueError, match="kernels='gpu' is unknown; valid choices: auto, cpu, flax"):
+    layers.use_cpu_kernels('gpu')
+
+
+def _both_paths(kind):
+  """The CPU-kernel and the Flax-layer version of one small model, and a batch for it."""
+  model = _teacher(('a', 'b')).clone(num_self_layers=0) if kind == 'teacher' else _student()  # student: self-attention
+  return model.clone(kernels='cpu'), model.clone(kernels='flax'), _batch(getattr(model, 'modalities', ('a',)))
+
+
+@pytest.mark.parametrize('kind', ['teacher', 'student'])
+def test_both_paths_share_parameters_and_agree(kind):
+  """One parameter tree (names, shapes, initial values) for both paths, the same outputs and taps, and
+  each path really runs its own layers (custom JVPs of the CPU kernels only on the CPU path)."""
+  cpu, flax_layers, batch = _both_paths(kind)
+  chex.assert_trees_all_equal(jax.jit(cpu.init)(jax.random.key(3), batch),
+                              jax.jit(flax_layers.init)(jax.random.key(3), batch))
+  params = _numpy_params(cpu, batch)
+  chex.assert_trees_all_close(jax.jit(cpu.apply)(params, batch), jax.jit(flax_layers.apply)(params, batch),
+                              rtol=1e-5, atol=1e-5)
+  custom = lambda model: set(re.findall(r'custom_jvp_call\[\s*name=(\w+)', str(jax.make_jaxpr(model.apply)(
+      params, batch)))) - {'relu'}
+  assert custom(cpu) == {'_layer_norm', 'softmax'} and custom(flax_layers) == set()
+
+
+@pytest.mark.parametrize('kind', ['teacher', 'student'])
+def test_forward_mode_derivatives_work_on_both_paths_and_agree(kind):
+  """jax.jvp through the model in its parameters and inputs on both paths: the tangents agree between
+  the paths and with reverse mode (<J v, u> = <v, J^T u>); jax.jacfwd runs too."""
+  cpu, flax_layers, batch = _both_paths(kind)
+  params = _numpy_params(cpu, batch)['params']
+  modality = 'a'
+  rng = np.random.default_rng(4)
+  tangent = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), (params, batch[modality]))
+  cotangent = jnp.asarray(rng.normal(size=(B, C)), jnp.float32)
+  results = {}
+  for name, model in (('cpu', cpu), ('flax', flax_layers)):
+    logits = lambda p, x, model=model: model.apply({'params': p}, {**batch, modality: x})[0]
+
+    def derivatives(p, x, t, logits=logits):
+      jvp = jax.jvp(logits, (p, x), t)[1]
+      reverse = jax.vjp(logits, p, x)[1](cotangent)
+      dot_reverse = sum(jnp.vdot(r, t) for r, t in zip(jax.tree.leaves(reverse), jax.tree.leaves(t)))
+      return jvp, dot_reverse, jax.jacfwd(logits, argnums=1)(p, x)
+
+    jvp, dot_reverse, jacobian = jax.jit(derivatives)(params, batch[modality], tangent)
+    np.testing.assert_allclose(jnp.vdot(jvp, cotangent), dot_reverse, rtol=1e-4)
+    assert jacobian.shape == (B, C, B, *SPECS[modality])
+    results[name] = jvp, jacobian
+  assert float(jnp.max(jnp.abs(results['cpu'][0]))) > 1e-3  # a real tangent, not zeros on both paths
+  chex.assert_trees_all_close(results['cpu'], results['flax'], rtol=1e-4, atol=1e-5)

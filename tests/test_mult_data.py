@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from mmkd_jax.data import mult
 from mmkd_jax.data import safe_pickle
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.registry import Registry
 
 WIDTHS = {'text': 300, 'audio': 5, 'vision': 20}  # The real MOSI widths: not 74/35.
@@ -175,7 +176,7 @@ def test_register_and_task_table():
 
 
 def test_missing_file_names_file_and_manual_dir(tmp_path):
-  with pytest.raises(ValueError, match='mosi_data.pkl: not found in the manual dir .*manual'):
+  with pytest.raises(ConfigError, match='mosi_data.pkl: not found in the manual dir .*manual'):
     mult.make_builder(_config(tmp_path))
   _assert_nothing_prepared(tmp_path)
 
@@ -184,7 +185,7 @@ def test_conflicting_manual_dir_is_refused(tmp_path):
   _write(tmp_path, _data())
   builder = mult.make_builder(_config(tmp_path))
   other = tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'elsewhere'))
-  with pytest.raises(ValueError, match='differs'):
+  with pytest.raises(ConfigError, match='differs'):
     builder.download_and_prepare(download_config=other)
   _assert_nothing_prepared(tmp_path)
 
@@ -241,7 +242,7 @@ def test_bad_file_fails_with_one_line_and_writes_nothing(tmp_path, case):
   data = _data()
   mutate(data)
   _write(tmp_path, data)
-  with pytest.raises(ValueError, match='^mosi_data.pkl: ' + message) as error:
+  with pytest.raises(ConfigError, match='^mosi_data.pkl: ' + message) as error:
     _prepare(_config(tmp_path))
   assert '\n' not in str(error.value)
   _assert_nothing_prepared(tmp_path)
@@ -249,7 +250,7 @@ def test_bad_file_fails_with_one_line_and_writes_nothing(tmp_path, case):
 
 def test_not_a_dict_is_refused(tmp_path):
   _write(tmp_path, [np.zeros(3)])
-  with pytest.raises(ValueError, match='^mosi_data.pkl: holds a list, expected a dict'):
+  with pytest.raises(ConfigError, match='^mosi_data.pkl: holds a list, expected a dict'):
     _prepare(_config(tmp_path))
 
 
@@ -257,7 +258,7 @@ def test_bad_iemocap_pairs_are_refused(tmp_path):
   data = _data('multilabel', ALIGNED, (4, 2))
   data['train']['labels'][0, 2] = (1.0, 1.0)
   _write(tmp_path, data, 'iemocap_data.pkl')
-  with pytest.raises(ValueError, match="^iemocap_data.pkl: split 'train' key 'labels' .* one-hot"):
+  with pytest.raises(ConfigError, match="^iemocap_data.pkl: split 'train' key 'labels' .* one-hot"):
     _prepare(_config(tmp_path, 'iemocap'))
 
 
@@ -296,7 +297,7 @@ def test_code_in_the_pickle_is_never_run(tmp_path, make_value, forbidden):
   data = _data()
   data['train']['text'] = make_value(marker)
   _write(tmp_path, data)
-  with pytest.raises(ValueError, match=f'^mosi_data.pkl: cannot be loaded safely: .*{forbidden}, '
+  with pytest.raises(ConfigError, match=f'^mosi_data.pkl: cannot be loaded safely: .*{forbidden}, '
                      'which is not allowed') as error:
     _prepare(_config(tmp_path))
   assert '\n' not in str(error.value)
@@ -307,7 +308,7 @@ def test_code_in_the_pickle_is_never_run(tmp_path, make_value, forbidden):
 def test_restricted_unpickler_rejects_builtins_beyond_containers(tmp_path):
   path = tmp_path / 'eval.pkl'
   path.write_bytes(pickle.dumps(_EvalPayload()))
-  with pytest.raises(ValueError, match=r'^eval.pkl: .*builtins\.eval, which is not allowed'):
+  with pytest.raises(ConfigError, match=r'^eval.pkl: .*builtins\.eval, which is not allowed'):
     safe_pickle.load(path)
 
 
@@ -320,7 +321,7 @@ class _EvalPayload:
 def test_truncated_pickle_is_one_line(tmp_path):
   path = tmp_path / 'cut.pkl'
   path.write_bytes(pickle.dumps(_data())[:1000])
-  with pytest.raises(ValueError, match='^cut.pkl: cannot be loaded safely'):
+  with pytest.raises(ConfigError, match='^cut.pkl: cannot be loaded safely'):
     safe_pickle.load(path)
 
 
@@ -328,7 +329,7 @@ def test_fixed_file_prepares_after_a_failure(tmp_path):
   data = _data()
   _poke('valid', 'audio', (0, 3, 1), math.nan)(data)
   _write(tmp_path, data)
-  with pytest.raises(ValueError):
+  with pytest.raises(ConfigError):
     _prepare(_config(tmp_path))
   data['valid']['audio'][0, 3, 1] = 0.5
   _write(tmp_path, data)

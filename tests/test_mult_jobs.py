@@ -6,6 +6,7 @@ import pytest
 
 from configs import mult
 from mmkd_jax import train
+from mmkd_jax.errors import ConfigError
 from tests.conftest import shrink
 
 WIDTHS = {'text': 12, 'audio': 5, 'vision': 7}
@@ -62,6 +63,6 @@ def test_kl_on_regression_is_refused_before_training(tmp_path):
   config.teacher.modalities = 'text,audio,vision'
   config.student.modality = 'text'
   config.distill.terms = 'logits:kl:1.0'
-  with pytest.raises(ValueError, match="'logits/kl' needs class probabilities but the task of 'mosi' is regression"):
+  with pytest.raises(ConfigError, match="'logits/kl' needs class probabilities but the task of 'mosi' is regression"):
     train.train_and_evaluate(config, str(tmp_path / 'work'))
   assert not (tmp_path / 'work' / 'teacher').exists()

@@ -9,6 +9,7 @@ import pytest
 
 from configs import default
 from mmkd_jax import runtime
+from mmkd_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_cpu_devices_after_jax_started_is_a_clear_error():
   jax.devices()  # this process's backend is running
   config = default.get_config()
   config.host.cpu_devices = len(jax.devices('cpu')) + 1
-  with pytest.raises(ValueError, match=rf'config.host.cpu_devices={config.host.cpu_devices} cannot take effect'):
+  with pytest.raises(ConfigError, match=rf'config.host.cpu_devices={config.host.cpu_devices} cannot take effect'):
     runtime.configure_host(config)
   config.host.cpu_devices = len(jax.devices('cpu'))  # what is already there is fine
   runtime.configure_host(config)
@@ -104,7 +105,7 @@ def test_initialize_always_without_a_cluster_names_the_fix(monkeypatch):
   monkeypatch.setattr(jax.distributed, 'initialize', no_cluster)
   config = default.get_config()
   config.distributed.initialize = 'always'
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(ConfigError) as error:
     runtime.initialize_distributed(config)
   message = str(error.value)
   assert '\n' not in message and "initialize='always'" in message

@@ -12,6 +12,7 @@ from configs import distill as distill_config
 from configs import study as study_config
 from configs import study_full
 from mmkd_jax import data, export, stats, study, train
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.models import Student
 
 METRICS = ('accuracy', 'macro_f1')
@@ -148,7 +149,7 @@ def test_grid_resumes_after_interruption_and_writes_tables(config, tmp_path, mon
 
   # Stored results of another config are refused, not reported as this one's.
   config.train.learning_rate = 0.5
-  with pytest.raises(ValueError, match=r'holds results of another config \(0\.train\.learning_rate was'):
+  with pytest.raises(ConfigError, match=r'holds results of another config \(0\.train\.learning_rate was'):
     study.run_study(config, workdir)
 
 
@@ -197,7 +198,7 @@ def test_exported_student_runs_on_a_platform_it_was_exported_for(tmp_path):
   np.testing.assert_allclose(loaded(batch), model.apply({'params': params}, batch)[0], rtol=1e-5, atol=1e-5)
   if 'tpu' not in present:
     export.export_student(model, params, (6, 4), str(tmp_path / 'tpu.npz'), platforms=('tpu',))
-    with pytest.raises(ValueError, match=r"exported for platforms \['tpu'\], none of which is available here"):
+    with pytest.raises(ConfigError, match=r"exported for platforms \['tpu'\], none of which is available here"):
       export.load_exported(str(tmp_path / 'tpu.npz'))
 
 
@@ -223,7 +224,7 @@ def test_bad_grids_fail_before_training(config, tmp_path, overrides, message):
       section = section[name]
     section[field] = value
   workdir = tmp_path / 'study'
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(ConfigError) as error:
     study.run_study(config, str(workdir))
   assert message in str(error.value)
   assert '\n' not in str(error.value)
@@ -231,7 +232,7 @@ def test_bad_grids_fail_before_training(config, tmp_path, overrides, message):
 
 
 def test_a_config_without_a_grid_is_refused(tmp_path):
-  with pytest.raises(ValueError, match=r'no config.study grid .*python -m mmkd_jax.main'):
+  with pytest.raises(ConfigError, match=r'no config.study grid .*python -m mmkd_jax.main'):
     study.run_study(distill_config.get_config(), str(tmp_path / 'study'))
   assert not (tmp_path / 'study').exists()
 

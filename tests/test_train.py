@@ -2,13 +2,15 @@
 import json
 import logging
 import os
+import struct
 
 import jax
 import numpy as np
 import pytest
 
-from mmkd_jax import checkpoint, data, distill, train
+from mmkd_jax import checkpoint, data, distill, evaluate, train
 from mmkd_jax.data import pipeline
+from mmkd_jax.errors import ConfigError
 from tests.conftest import PoisonedIterator
 
 
@@ -19,13 +21,50 @@ def _saved_state(run_dir: str, step: int | None = None) -> dict:
   return checkpoint.read_state(manager, step)
 
 
+def _outputs_of_checkpoint(config, run_dir: str, role: str, split: str, step: int | None = None):
+  """(outputs, labels) on `split` of the `role` model saved in `run_dir` at `step` (the best by
+  default), computed here apart from the training code's evaluation."""
+  builder = data.load_builder(config.data)
+  model = train.create_model(config, data.task_info(builder), role)
+  manager = checkpoint.create_manager(os.path.join(run_dir, 'checkpoints'))
+  params = _saved_state(run_dir, manager.best_step() if step is None else step)['params']['model']
+  apply = jax.jit(lambda p, b: model.apply({'params': p}, b)[0])
+  outputs, labels = [], []
+  for batch in pipeline.eval_batches(builder, split, train.batch_modalities(model), config.train.eval_batch_size):
+    real = batch['weight'] > 0
+    outputs.append(np.asarray(apply(params, batch))[real])
+    labels.append(batch['label'][real])
+  return np.concatenate(outputs), np.concatenate(labels)
+
+
+def _accuracy_of_checkpoint(config, run_dir: str, role: str, split: str = 'test', step: int | None = None) -> float:
+  outputs, labels = _outputs_of_checkpoint(config, run_dir, role, split, step)
+  return float(np.mean(outputs.argmax(-1) == labels))
+
+
+def _logged_scalars(path: str) -> list[tuple[str, int]]:
+  """(tag, step) of every scalar in a TensorBoard event file (TFRecord framing: length, its CRC,
+  the Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    content = f.read()
+  logged, position = [], 0
+  while position < len(content):
+    (length,) = struct.unpack('<Q', content[position:position + 8])
+    event = event_pb2.Event.FromString(content[position + 12:position + 12 + length])
+    logged += [(value.tag, event.step) for value in event.summary.value]
+    position += 12 + length + 4
+  return logged
+
+
 @pytest.mark.slow
 def test_distill_job_trains_checkpoints_and_reports(tiny_config, tmp_path):
   tiny_config.distill.terms = 'logits:kl:1.0,hidden:mse:0.5,attention:kl:0.5,pooled:contrastive:0.1'
   workdir = str(tmp_path / 'work')
   results = train.train_and_evaluate(tiny_config, workdir)
-  for arm in ('student', 'distilled'):
-    assert 0.0 <= results[arm]['mean']['accuracy'] <= 1.0
+  for arm in ('student', 'distilled'):  # one seed: the mean is that run's best checkpoint's test accuracy
+    assert results[arm]['mean']['accuracy'] == _accuracy_of_checkpoint(
+        tiny_config, os.path.join(workdir, arm, 'seed_0'), 'student')
   assert results['teacher']['params'] > results['student']['params']
   with open(os.path.join(workdir, 'report.json')) as f:
     stored = json.load(f)
@@ -47,19 +86,65 @@ def test_distill_job_trains_checkpoints_and_reports(tiny_config, tmp_path):
   assert not any('cross' in k for k in saved['params']['model'])
 
 
-def test_teacher_checkpoint_restores_and_finished_run_is_not_retrained(tiny_config, tmp_path):
+def test_teacher_keeps_the_best_checkpoint_and_a_finished_run_is_not_retrained(tiny_config, tmp_path, monkeypatch):
+  """Validation scores scripted so that the best step (3) is not the latest (6): both checkpoints are
+  kept, the results are the best step's, and a second call restores them without training."""
+  scripted = iter([0.9, 0.1])  # the scores of the evaluations at steps 3 and 6
+  monkeypatch.setattr(evaluate, 'score', lambda task, values: next(scripted))
   tiny_config.job = 'teacher'
   workdir = str(tmp_path / 'teacher')
   first = train.train_and_evaluate(tiny_config, workdir)
   manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'))
-  assert manager.latest_step() == tiny_config.train.num_steps
-  assert manager.best_step() in (3, 6)
-  events = sorted(os.listdir(workdir))
+  assert manager.all_steps() == [3, 6] and manager.latest_step() == 6 and manager.best_step() == 3
+  assert first['validation']['score'] == 0.9
+  outputs, labels = _outputs_of_checkpoint(tiny_config, workdir, 'teacher', 'test', step=3)
+  assert first['test'] == evaluate.compute_metrics('classification', outputs, labels)
+  later, _ = _outputs_of_checkpoint(tiny_config, workdir, 'teacher', 'test', step=6)
+  assert not np.allclose(later, outputs)  # the two checkpoints are different models
+  events = [n for n in os.listdir(workdir) if n.startswith('events')]
+  assert len(events) == 1
+  logged = _logged_scalars(os.path.join(workdir, events[0]))
+  assert sorted({step for tag, step in logged if tag.startswith('train/')}) == [3, 6]
+  assert sorted(step for tag, step in logged if tag == 'validation/score') == [3, 6]
+  before = {name: open(os.path.join(workdir, name), 'rb').read() for name in (events[0], 'metrics.jsonl')}
+
   second = train.train_and_evaluate(tiny_config, workdir)  # restores the best checkpoint, trains nothing
-  assert second['test'] == first['test']
-  assert manager.latest_step() == tiny_config.train.num_steps
-  assert len([n for n in sorted(os.listdir(workdir)) if n.startswith('events')]) >= len(
-      [n for n in events if n.startswith('events')])
+  assert second['test'] == first['test'] and second['validation'] == first['validation']
+  assert manager.all_steps() == [3, 6]
+  assert {name: open(os.path.join(workdir, name), 'rb').read() for name in before} == before
+  for name in os.listdir(workdir):
+    if name.startswith('events'):
+      assert name == events[0] or _logged_scalars(os.path.join(workdir, name)) == []
+
+
+def test_single_run_job_claims_its_workdir_before_writing_config_json(tiny_config, tmp_path):
+  """A teacher or student job's workdir is its run directory. Holding a run of another config, it is
+  refused untouched; with config.overwrite that run is replaced and the new config.json stays."""
+  workdir = tmp_path / 'work'
+  checkpoint.claim_run_dir(str(workdir), {'role': 'student', 'seed': 7}, overwrite=False)
+  (workdir / 'config.json').write_text('{"old": true}')
+  tiny_config.job = 'student'
+  tiny_config.train.num_steps, tiny_config.train.warmup_steps = 2, 1
+  with pytest.raises(ConfigError, match='holds a run of another config .* set --config.overwrite=True'):
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert (workdir / 'config.json').read_text() == '{"old": true}'
+  tiny_config.overwrite = True
+  train.train_and_evaluate(tiny_config, str(workdir))
+  assert json.loads((workdir / 'config.json').read_text()) == json.loads(tiny_config.to_json_best_effort())
+  assert checkpoint.read_fingerprint(str(workdir))['seed'] == tiny_config.seed
+  assert _saved_state(str(workdir))['step'] == 2
+
+
+def test_the_layer_kernels_reach_the_models_and_stay_out_of_the_run_fingerprint(tiny_config):
+  """config.train.kernels picks the models' layers; both choices share one parameter tree, so a run
+  trained with one resumes or is evaluated with the other."""
+  info = data.TaskInfo({'m0': (8, 6), 'm1': (8, 6)}, 'classification', 4)
+  fingerprints = []
+  for kernels in ('cpu', 'flax'):
+    tiny_config.train.kernels = kernels
+    assert {train.create_model(tiny_config, info, role).kernels for role in ('teacher', 'student')} == {kernels}
+    fingerprints.append(train.run_fingerprint(tiny_config, 'student', 0, distilled=False))
+  assert fingerprints[0] == fingerprints[1]
 
 
 def test_background_checkpoint_holds_the_state_of_its_step_while_training_donates_on(tmp_path):
@@ -106,7 +191,7 @@ def test_bfloat16_compute_trains_with_finite_float32_losses(tiny_config, tmp_pat
   tiny_config.job = 'student'
   tiny_config.train.compute_dtype = 'bfloat16'
   results = train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
-  assert 0.0 <= results['test']['accuracy'] <= 1.0
+  assert results['test']['accuracy'] == _accuracy_of_checkpoint(tiny_config, str(tmp_path / 'work'), 'student')
   with open(tmp_path / 'work' / 'metrics.jsonl') as f:
     losses = [json.loads(line)['loss'] for line in f]
   assert len(losses) == 2 and all(np.isfinite(losses))

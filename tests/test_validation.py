@@ -5,7 +5,8 @@ import ml_collections
 import pytest
 
 from configs import study as study_config
-from mmkd_jax import checkpoint, data, errors, train, validation
+from mmkd_jax import checkpoint, data, train, validation
+from mmkd_jax.errors import ConfigError
 
 
 def _set(config, key: str, value) -> None:
@@ -25,6 +26,7 @@ CASES = [
     ('train.schedule', 'step', "config.train.schedule='step' is unknown; valid choices: constant, cosine, linear"),
     ('student.embedding', 'rows', "config.student.embedding='rows' is unknown; valid choices: per_position, shared"),
     ('train.compute_dtype', 'float16', "config.train.compute_dtype='float16' is unknown"),
+    ('train.kernels', 'gpu', "config.train.kernels='gpu' is unknown; valid choices: auto, cpu, flax"),
     ('distill.terms', 'logitz:kl:1', "config.distill.terms: unknown distillation level 'logitz' in 'logitz:kl:1'; "
      'valid choices: attention, hidden, logits, pooled'),
     ('distill.terms', 'logits:kld:1', "config.distill.terms: unknown distillation method 'kld' in 'logits:kld:1'; "
@@ -67,7 +69,7 @@ CASES = [
 @pytest.mark.parametrize('key, value, message', CASES, ids=[f'{k}={v!r}' for k, v, _ in CASES])
 def test_config_errors_name_key_and_value(tiny_config, key, value, message):
   _set(tiny_config, key, value)
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(ConfigError) as error:
     validation.check_config(tiny_config)
     validation.check_against_data(tiny_config, INFO)
   assert message in str(error.value)
@@ -83,7 +85,7 @@ def test_intervals_accept_these_seeds(tiny_config, seeds, interval):
 @pytest.mark.parametrize('seeds, count', [('0', '1 seed'), ('4,7', '2 seeds')])
 def test_too_few_seeds_for_an_asked_interval_is_one_line(tiny_config, seeds, count):
   tiny_config.report.seeds, tiny_config.report.interval = seeds, 'student_t'
-  with pytest.raises(errors.ConfigError) as error:
+  with pytest.raises(ConfigError) as error:
     validation.check_config(tiny_config)
   assert str(error.value) == (f"config.report.seeds={seeds!r} gives {count}; config.report.interval='student_t' "
                               "needs at least 3 (or set it to 'auto', which reports the interval as undefined below "
@@ -93,7 +95,7 @@ def test_too_few_seeds_for_an_asked_interval_is_one_line(tiny_config, seeds, cou
 def test_seeds_of_another_key_name_that_key(tiny_config):
   tiny_config.report.seeds = '0'
   tiny_config.study = ml_collections.ConfigDict({'seeds': '2,2'})
-  with pytest.raises(errors.ConfigError, match=r"^config.study.seeds='2,2': .*; seed 2 is given twice$"):
+  with pytest.raises(ConfigError, match=r"^config.study.seeds='2,2': .*; seed 2 is given twice$"):
     validation.seeds(tiny_config, 'study.seeds')
 
 
@@ -107,21 +109,21 @@ DATA_CASES = [
 def test_modality_errors_name_key_and_value(tiny_config, key, value, message):
   _set(tiny_config, key, value)
   validation.check_config(tiny_config)
-  with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+  with pytest.raises(ConfigError, match=message.replace('(', r'\(')):
     validation.check_against_data(tiny_config, INFO)
 
 
 def test_student_modality_must_be_a_teacher_stream(tiny_config):
   tiny_config.teacher.modalities = 'm1,m2'
   info = data.TaskInfo({'m0': (8, 6), 'm1': (8, 6), 'm2': (8, 6)}, 'classification', 4)
-  with pytest.raises(ValueError, match="config.student.modality='m0' is not one of the teacher's modalities"):
+  with pytest.raises(ConfigError, match="config.student.modality='m0' is not one of the teacher's modalities"):
     validation.check_against_data(tiny_config, info)
 
 
 def test_hidden_level_between_widths_needs_the_projection(tiny_config):
   tiny_config.distill.terms = 'hidden:mse:1.0'
   tiny_config.distill.projection = False
-  with pytest.raises(ValueError, match="config.distill.projection=False but 'hidden/mse' compares student width 8 "
+  with pytest.raises(ConfigError, match="config.distill.projection=False but 'hidden/mse' compares student width 8 "
                                        'with teacher width 16'):
     validation.check_config(tiny_config)
   tiny_config.distill.terms = 'hidden:attention_transfer:1.0'  # width-agnostic: allowed
@@ -130,14 +132,14 @@ def test_hidden_level_between_widths_needs_the_projection(tiny_config):
 
 def test_unknown_method_hyperparameter(tiny_config):
   tiny_config.distill.hparams.kl.tau = 2.0
-  with pytest.raises(ValueError, match='config.distill.hparams.kl.tau: unknown hyperparameter; valid choices: '
+  with pytest.raises(ConfigError, match='config.distill.hparams.kl.tau: unknown hyperparameter; valid choices: '
                                        'temperature'):
     validation.check_config(tiny_config)
 
 
 def test_main_refuses_a_study_config(tmp_path):
   # A study config passed to mmkd_jax.main would otherwise run one distillation job with its settings.
-  with pytest.raises(ValueError, match=r'python -m mmkd_jax.study .*one of teacher, student, distill'):
+  with pytest.raises(ConfigError, match=r'python -m mmkd_jax.study .*one of teacher, student, distill'):
     train.train_and_evaluate(study_config.get_config(), str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()
 
@@ -145,14 +147,14 @@ def test_main_refuses_a_study_config(tmp_path):
 def test_workdir_that_is_a_file_is_refused_before_anything_runs(tiny_config, tmp_path):
   path = tmp_path / 'a_file'
   path.write_text('keep me')
-  with pytest.raises(ValueError, match=rf"^--workdir='{path}' is a file; give a directory"):
+  with pytest.raises(ConfigError, match=rf"^--workdir='{path}' is a file; give a directory"):
     train.train_and_evaluate(tiny_config, str(path))
   assert path.read_text() == 'keep me'
 
 
 def test_missing_teacher_checkpoint(tiny_config, tmp_path):
   tiny_config.distill.teacher_dir = str(tmp_path / 'nowhere')
-  with pytest.raises(ValueError, match=r"config.distill.teacher_dir='.*nowhere' holds no trained teacher"):
+  with pytest.raises(ConfigError, match=r"config.distill.teacher_dir='.*nowhere' holds no trained teacher"):
     train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
 
 
@@ -165,12 +167,12 @@ def test_teacher_trained_on_other_modalities_or_shapes(tiny_config, tmp_path):
   train.check_teacher_dir(tiny_config, str(teacher_dir))  # the same config passes
   other = tiny_config.copy_and_resolve_references()
   other.teacher.modalities = 'm1,m0'
-  with pytest.raises(ValueError, match="teacher was trained with another config \\(teacher.modalities was 'm0,m1', "
+  with pytest.raises(ConfigError, match="teacher was trained with another config \\(teacher.modalities was 'm0,m1', "
                                        "now 'm1,m0'\\)"):
     train.check_teacher_dir(other, str(teacher_dir))
   other = tiny_config.copy_and_resolve_references()
   other.data.synthetic.seq_len = 12
-  with pytest.raises(ValueError, match='data.synthetic.seq_len was 8, now 12'):
+  with pytest.raises(ConfigError, match='data.synthetic.seq_len was 8, now 12'):
     train.check_teacher_dir(other, str(teacher_dir))
 
 
@@ -180,7 +182,7 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(tiny_config, tmp_
   (tmp_path / 'run' / 'checkpoints').mkdir()
   tiny_config.train.learning_rate = 0.5
   changed = train.run_fingerprint(tiny_config, 'student', 0, False)
-  with pytest.raises(ValueError, match=r'holds a run of another config \(train.learning_rate was 0.001, now 0.5\); '
+  with pytest.raises(ConfigError, match=r'holds a run of another config \(train.learning_rate was 0.001, now 0.5\); '
                                        'use another --workdir or set --config.overwrite=True'):
     checkpoint.claim_run_dir(run_dir, changed, overwrite=False)
   assert (tmp_path / 'run' / 'checkpoints').exists()  # nothing lost by the refusal
@@ -208,7 +210,7 @@ def test_run_dir_of_an_earlier_version_with_every_methods_hparams_is_still_claim
   assert set(older['distill']['hparams']) > {'kl'}
   checkpoint.write_json(str(tmp_path / 'run' / 'run.json'), older)
   (tmp_path / 'run' / 'checkpoints').mkdir()
-  with pytest.raises(ValueError, match='holds a run of another config'):  # compared as stored: refused
+  with pytest.raises(ConfigError, match='holds a run of another config'):  # compared as stored: refused
     checkpoint.claim_run_dir(str(tmp_path / 'run'), wanted, overwrite=False)
   checkpoint.claim_run_dir(str(tmp_path / 'run'), wanted, overwrite=False, upgrade=train.current_fingerprint)
   assert (tmp_path / 'run' / 'checkpoints').exists()

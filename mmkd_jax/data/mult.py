@@ -25,6 +25,7 @@ from etils import epath
 from mmkd_jax import registry
 from mmkd_jax.data import safe_pickle
 from mmkd_jax.data.local_builder import LocalCodePath, LocalDatasetInfo
+from mmkd_jax.errors import ConfigError
 from mmkd_jax.metrics import IEMOCAP_EMOTIONS
 
 MODALITIES = ('text', 'audio', 'vision')
@@ -62,8 +63,8 @@ def _instructions(name: str) -> str:
           '(unaligned), the MulT feature pickles, in the manual dir; see docs/real_data.md.')
 
 
-def _fail(filename: str, split: str, key: str, problem: str) -> ValueError:
-  return ValueError(f"{filename}: split '{split}' key '{key}' {problem}")
+def _fail(filename: str, split: str, key: str, problem: str) -> ConfigError:
+  return ConfigError(f"{filename}: split '{split}' key '{key}' {problem}")
 
 
 def _features(filename: str, split: str, key: str, value: np.ndarray,
@@ -129,17 +130,17 @@ def validate(data: Any, filename: str, task: str,
   """Checks a loaded MulT pickle and converts it to arrays keyed by output split.
 
   Returns {split: {modality: float32 (N, L, F), modality + '_mask': bool (N, L),
-  'label': labels}}. Every problem raises a one-line `ValueError` naming the file and,
+  'label': labels}}. Every problem raises a one-line `ConfigError` naming the file and,
   where there is one, the split and key. With `zero_audio_neg_inf`, -inf audio values
   are set to 0 (as MulT's own loader does) and logged; other non-finite values fail.
   """
   if not isinstance(data, dict):
-    raise ValueError(f"{filename}: holds a {type(data).__name__}, expected a dict of "
-                     f"splits {', '.join(map(repr, SPLITS.values()))}")
+    raise ConfigError(f"{filename}: holds a {type(data).__name__}, expected a dict of "
+                      f"splits {', '.join(map(repr, SPLITS.values()))}")
   for split, arrays in data.items():
     if not isinstance(arrays, dict):
-      raise ValueError(f"{filename}: split {split!r} is a {type(arrays).__name__}, "
-                       'expected a dict of arrays')
+      raise ConfigError(f"{filename}: split {split!r} is a {type(arrays).__name__}, "
+                        'expected a dict of arrays')
     for key, value in arrays.items():
       if not isinstance(value, np.ndarray):
         raise _fail(filename, split, key,
@@ -147,8 +148,8 @@ def validate(data: Any, filename: str, task: str,
   result = {}
   for out_split, split in SPLITS.items():
     if split not in data:
-      raise ValueError(f"{filename}: split '{split}' is missing "
-                       f"(found {', '.join(map(repr, data)) or 'none'})")
+      raise ConfigError(f"{filename}: split '{split}' is missing "
+                        f"(found {', '.join(map(repr, data)) or 'none'})")
     arrays = data[split]
     for key in (*MODALITIES, 'labels'):
       if key not in arrays:
@@ -238,8 +239,8 @@ class MultBuilder(LocalCodePath, tfds.core.GeneratorBasedBuilder, skip_registrat
     if self._validated is None:
       path = self.pickle_path
       if not path.exists():
-        raise ValueError(f'{path.name}: not found in the manual dir {self.manual_dir}; '
-                         + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+        raise ConfigError(f'{path.name}: not found in the manual dir {self.manual_dir}; '
+                          + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
       data = safe_pickle.load(path)
       self._validated = validate(data, path.name, TASKS[self.name].task,
                                  self.builder_config.zero_audio_neg_inf)
@@ -277,8 +278,8 @@ class MultBuilder(LocalCodePath, tfds.core.GeneratorBasedBuilder, skip_registrat
     """Prepares from `manual_dir` only, with TFDS's GCS look-up switched off."""
     config = download_config or tfds.download.DownloadConfig()
     if config.manual_dir is not None and _absolute(config.manual_dir) != self.manual_dir:
-      raise ValueError(f'download_config.manual_dir {config.manual_dir} differs from the '
-                       f"builder's manual dir {self.manual_dir}; pass it to the builder")
+      raise ConfigError(f'download_config.manual_dir {config.manual_dir} differs from the '
+                        f"builder's manual dir {self.manual_dir}; pass it to the builder")
     config = dataclasses.replace(config, manual_dir=self.manual_dir, try_download_gcs=False)
     super().download_and_prepare(download_config=config, **kwargs)
 
@@ -325,12 +326,12 @@ def make_builder(data_config: ml_collections.ConfigDict) -> MultBuilder:
   `aligned` (default True) and `zero_audio_neg_inf` (default False) from the config.
   """
   if data_config.name not in BUILDERS:
-    raise ValueError(f'unknown MulT dataset {data_config.name!r}; valid choices: '
-                     f"{', '.join(BUILDERS)}")
+    raise ConfigError(f'unknown MulT dataset {data_config.name!r}; valid choices: '
+                      f"{', '.join(BUILDERS)}")
   aligned = data_config.get('aligned', True)
   zero = data_config.get('zero_audio_neg_inf', False)
   if not isinstance(aligned, bool) or not isinstance(zero, bool):
-    raise ValueError('data.aligned and data.zero_audio_neg_inf must be booleans')
+    raise ConfigError('data.aligned and data.zero_audio_neg_inf must be booleans')
   data_dir, manual_dir = data_config.get('data_dir'), data_config.get('manual_dir')
   return BUILDERS[data_config.name](
       data_dir=os.path.expanduser(data_dir) if data_dir else None,

@@ -17,6 +17,8 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmkd_jax.errors import ConfigError
+
 Batch = dict[str, np.ndarray]
 
 
@@ -48,8 +50,8 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str,
   features = builder.info.features
   missing = [m for m in modalities if m not in features or m + '_mask' not in features]
   if missing:
-    raise ValueError(f'{builder.name} has no modalities {missing}; it has '
-                     f'{[name for name in features if name + "_mask" in features]}')
+    raise ConfigError(f'{builder.name} has no modalities {missing}; it has '
+                      f'{[name for name in features if name + "_mask" in features]}')
   decoded = _decode_split(builder, split)
   arrays = {key: decoded[key] for m in modalities for key in (m, m + '_mask')}
   label = decoded['label']
@@ -86,7 +88,7 @@ def train_iterator(builder: tfds.core.DatasetBuilder, modalities: Sequence[str],
   global_batch = batch_size * shard_count
   batches_per_epoch = n // global_batch
   if not batches_per_epoch:
-    raise ValueError(f'{split} has {n} examples, fewer than one global batch ({global_batch})')
+    raise ConfigError(f'{split} has {n} examples, fewer than one global batch ({global_batch})')
 
   # One NumPy permutation per epoch: grain's shuffle permutes index by index, ~2 ms a batch.
   @functools.lru_cache(maxsize=1)

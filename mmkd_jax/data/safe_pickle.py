@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from mmkd_jax.errors import ConfigError
+
 
 def _latin1_encode(text: str, encoding: str = 'latin1') -> bytes:
   """`_codecs.encode` limited to latin-1: how protocol <= 2 pickles store bytes."""
@@ -72,4 +74,4 @@ def load(path: epath.PathLike) -> Any:
       return RestrictedUnpickler(f, encoding='latin1').load()
     except Exception as e:  # A corrupt pickle can fail in many ways; report each alike.
       detail = str(e).splitlines()[0] if str(e) else ''
-      raise ValueError(f'{path.name}: cannot be loaded safely: {type(e).__name__}: {detail}') from e
+      raise ConfigError(f'{path.name}: cannot be loaded safely: {type(e).__name__}: {detail}') from e

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmkd_jax.data.local_builder import LocalCodePath, LocalDatasetInfo
+from mmkd_jax.errors import ConfigError
 
 SPLITS = ('train', 'validation', 'test')
 # Standard deviation of the noise added to the prototypes (which are standard normal).
@@ -120,6 +121,6 @@ def make_builder_config(fields: dict[str, int]) -> SyntheticConfig:
              'num_validation': 1, 'num_test': 1}
   for key, low in minimum.items():
     if key in fields and not fields[key] >= low:
-      raise ValueError(f'config.data.synthetic.{key}={fields[key]!r} must be >= {low}')
+      raise ConfigError(f'config.data.synthetic.{key}={fields[key]!r} must be >= {low}')
   config = SyntheticConfig(**fields)
   return Synthetic.builder_configs.get(config.name, config)

@@ -7,10 +7,14 @@ compute dtype.
 
 `Dense`, `softmax` and `LayerNorm` are drop-in replacements for Flax's that XLA's CPU
 backend runs faster: a Dense on (B, L, F) tokens is one (B*L, F) matmul, so its weight
-gradient is a plain 2-D matmul too, and the softmax and LayerNorm gradients are closed
-forms instead of the derivatives of their forward ops (benchmarks/README.md has the
-measurements).
+gradient is a plain 2-D matmul too, and the softmax and LayerNorm derivatives are closed
+forms (custom JVPs, so forward and reverse mode both work) instead of the derivatives of
+their forward ops (benchmarks/README.md has the measurements). The modules' `kernels`
+field ('auto', 'cpu' or 'flax'; config.train.kernels) picks them or Flax's `DenseGeneral`,
+`LayerNorm` and `jax.nn.softmax`; 'auto' takes the CPU kernels on the CPU backend only.
+Both choices have the same parameter tree, so a checkpoint of one loads into the other.
 """
+import functools
 import math
 from typing import Any
 
@@ -20,6 +24,16 @@ import jax.numpy as jnp
 
 Array = Any
 Dtype = Any
+
+KERNELS = ('auto', 'cpu', 'flax')
+
+
+def use_cpu_kernels(kernels: str) -> bool:
+  """Whether `kernels` ('auto', 'cpu' or 'flax') selects this module's CPU kernels: 'auto' does
+  on the CPU backend, where they were measured faster; GPUs and TPUs get Flax's layers."""
+  if kernels not in KERNELS:
+    raise ValueError(f'kernels={kernels!r} is unknown; valid choices: {", ".join(KERNELS)}')
+  return kernels == 'cpu' or (kernels == 'auto' and jax.default_backend() == 'cpu')
 
 
 @jax.custom_jvp
@@ -38,36 +52,41 @@ def _softmax_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
 LAYER_NORM_EPSILON = 1e-6  # flax.linen.LayerNorm's default
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _layer_norm(x: Array, scale: Array, bias: Array) -> Array:
   """float32 LayerNorm over the last axis, computed as flax.linen.LayerNorm computes it."""
-  return _layer_norm_fwd(x, scale, bias)[0]
+  mean, inv_std = _layer_norm_statistics(x)
+  return (x - mean) * (inv_std * scale) + bias
 
 
-def _layer_norm_fwd(x: Array, scale: Array, bias: Array) -> tuple[Array, tuple]:
+def _layer_norm_statistics(x: Array) -> tuple[Array, Array]:
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.maximum(0.0, jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean)
-  inv_std = jax.lax.rsqrt(var + LAYER_NORM_EPSILON)
-  return (x - mean) * (inv_std * scale) + bias, (x, mean, inv_std, scale)
+  return mean, jax.lax.rsqrt(var + LAYER_NORM_EPSILON)
 
 
-def _layer_norm_bwd(residuals: tuple, g: Array) -> tuple[Array, Array, Array]:
-  x, mean, inv_std, scale = residuals
+@_layer_norm.defjvp
+def _layer_norm_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+  # d x_hat = inv_std * (dx - mean(dx) - x_hat * mean(dx * x_hat)): a symmetric map, so its
+  # transpose (reverse mode) is the same closed form applied to the cotangent g * scale.
+  (x, scale, bias), (dx, dscale, dbias) = primals, tangents
+  mean, inv_std = _layer_norm_statistics(x)
   x_hat = (x - mean) * inv_std
-  g_hat = g * scale
-  dx = inv_std * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
-                  - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))
-  rows = tuple(range(x.ndim - 1))
-  return dx, jnp.sum(g * x_hat, axis=rows), jnp.sum(g, axis=rows)
+  dx_hat = inv_std * (dx - jnp.mean(dx, axis=-1, keepdims=True)
+                      - x_hat * jnp.mean(dx * x_hat, axis=-1, keepdims=True))
+  return (x - mean) * (inv_std * scale) + bias, dx_hat * scale + x_hat * dscale + dbias
 
 
-_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+# Reverse mode would otherwise store x_hat for the backward pass; recomputing it from x, as a
+# hand-written VJP does, keeps the train step's FLOPs and memory traffic at the custom_vjp's
+# (storing it measured 4-7% slower on CPU, benchmarks/README.md). No effect on forward mode.
+_rematerialized_layer_norm = jax.checkpoint(_layer_norm)
 
 
 class LayerNorm(nn.Module):
   """flax.linen.LayerNorm (last axis, float32 statistics, same parameters and forward values)
-  whose gradient is the closed form inv_std * (g' - mean(g') - x_hat * mean(g' * x_hat)),
-  g' = g * scale, rather than the derivative of its mean / variance / rsqrt ops."""
+  whose derivative is the closed form inv_std * (dx - mean(dx) - x_hat * mean(dx * x_hat)),
+  rather than the derivative of its mean / variance / rsqrt ops; forward and reverse mode."""
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -75,7 +94,7 @@ class LayerNorm(nn.Module):
     features = (x.shape[-1],)
     scale = self.param('scale', nn.initializers.ones, features)
     bias = self.param('bias', nn.initializers.zeros, features)
-    return _layer_norm(x.astype(jnp.float32), scale, bias).astype(self.dtype)
+    return _rematerialized_layer_norm(x.astype(jnp.float32), scale, bias).astype(self.dtype)
 
 
 class Dense(nn.Module):
@@ -104,6 +123,21 @@ class Dense(nn.Module):
     return (y + bias.reshape(fan_out).astype(self.dtype)).reshape(lead + features)
 
 
+def dense(features: int | tuple[int, ...], *, kernels: str, dtype: Dtype, name: str,
+          axis: int | tuple[int, ...] = -1) -> nn.Module:
+  """`Dense` with the CPU kernels, else flax.linen.DenseGeneral (same parameters)."""
+  if use_cpu_kernels(kernels):
+    return Dense(features, axis=axis, dtype=dtype, name=name)
+  return nn.DenseGeneral(features, axis=axis, dtype=dtype, name=name)
+
+
+def layer_norm(*, kernels: str, dtype: Dtype, name: str) -> nn.Module:
+  """`LayerNorm` with the CPU kernels, else flax.linen.LayerNorm (same parameters)."""
+  if use_cpu_kernels(kernels):
+    return LayerNorm(dtype, name=name)
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=name)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head attention of `queries` over `keys_values` that also returns the probabilities.
 
@@ -112,6 +146,7 @@ class MultiHeadAttention(nn.Module):
   """
   num_heads: int
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, queries: Array, keys_values: Array | None, key_mask: Array) -> tuple[Array, Array]:
@@ -119,25 +154,27 @@ class MultiHeadAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'model width {width} is not divisible by num_heads={self.num_heads}')
     head_dim = width // self.num_heads
-    dense = lambda features, name: Dense(features, dtype=self.dtype, name=name)
+    project = lambda features, name, axis=-1: dense(features, kernels=self.kernels, dtype=self.dtype, name=name,
+                                                    axis=axis)
     if keys_values is None:
-      q, k, v = jnp.split(dense((3, self.num_heads, head_dim), 'qkv')(queries), 3, axis=2)
+      q, k, v = jnp.split(project((3, self.num_heads, head_dim), 'qkv')(queries), 3, axis=2)
       q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     else:
-      q = dense((self.num_heads, head_dim), 'q')(queries)
-      k, v = jnp.split(dense((2, self.num_heads, head_dim), 'kv')(keys_values), 2, axis=2)
+      q = project((self.num_heads, head_dim), 'q')(queries)
+      k, v = jnp.split(project((2, self.num_heads, head_dim), 'kv')(keys_values), 2, axis=2)
       k, v = k[:, :, 0], v[:, :, 0]
     # float32 logits whatever the compute dtype (bfloat16 q . k would round them before the softmax).
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(head_dim).astype(jnp.float32)
     keys = key_mask[:, None, None, :]
-    probs = softmax(jnp.where(keys, logits, jnp.finfo(jnp.float32).min))
+    normalize = softmax if use_cpu_kernels(self.kernels) else functools.partial(jax.nn.softmax, axis=-1)
+    probs = normalize(jnp.where(keys, logits, jnp.finfo(jnp.float32).min))
     # A query with no real key at all (a missing modality) would spread its softmax evenly over the
     # padding: zero values make its context zero, and the returned probabilities are 0 on masked
     # keys. (Masking v, not probs, costs less in the train step, where the probabilities are unused.)
     v = jnp.where(key_mask[:, :, None, None], v, 0.0)
     context = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), v)
-    out = Dense(width, axis=(-2, -1), dtype=self.dtype, name='out')(context)
+    out = project(width, 'out', axis=(-2, -1))(context)
     return out, jnp.where(keys, probs, 0.0)
 
 
@@ -164,20 +201,21 @@ class Block(nn.Module):
   mlp_ratio: int = 4
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Array, context: Array | None = None, *,
                train: bool = False, example_index: Array | None = None) -> tuple[Array, Array]:
     width = x.shape[-1]
-    norm = lambda name: LayerNorm(self.dtype, name=name)
+    norm = lambda name: layer_norm(kernels=self.kernels, dtype=self.dtype, name=name)
     queries = norm('norm_q')(x)
     keys_values = None if context is None else norm('norm_kv')(context)
-    attended, probs = MultiHeadAttention(self.num_heads, self.dtype, name='attention')(
+    attended, probs = MultiHeadAttention(self.num_heads, self.dtype, self.kernels, name='attention')(
         queries, keys_values, key_mask)
     dropout = lambda y: Dropout(self.dropout_rate)(y, example_index, deterministic=not train)
     x = x + dropout(attended)
-    y = Dense(self.mlp_ratio * width, dtype=self.dtype, name='mlp_in')(norm('norm_mlp')(x))
-    y = Dense(width, dtype=self.dtype, name='mlp_out')(nn.relu(y))
+    y = dense(self.mlp_ratio * width, kernels=self.kernels, dtype=self.dtype, name='mlp_in')(norm('norm_mlp')(x))
+    y = dense(width, kernels=self.kernels, dtype=self.dtype, name='mlp_out')(nn.relu(y))
     return x + dropout(y), probs
 
 
@@ -195,11 +233,13 @@ class Embed(nn.Module):
   """Projects (B, L, F) features to the model width and adds a learned position embedding."""
   width: int
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     position = self.param('position', position_init, (x.shape[1], self.width))
-    return Dense(self.width, dtype=self.dtype, name='project')(x) + position.astype(self.dtype)
+    projected = dense(self.width, kernels=self.kernels, dtype=self.dtype, name='project')(x)
+    return projected + position.astype(self.dtype)
 
 
 def masked_mean(x: Array, mask: Array) -> Array:
@@ -214,8 +254,9 @@ class Head(nn.Module):
   hidden: int
   num_outputs: int
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, pooled: Array) -> Array:
-    y = nn.relu(Dense(self.hidden, dtype=self.dtype, name='hidden')(pooled))
-    return Dense(self.num_outputs, dtype=jnp.float32, name='out')(y)
+    y = nn.relu(dense(self.hidden, kernels=self.kernels, dtype=self.dtype, name='hidden')(pooled))
+    return dense(self.num_outputs, kernels=self.kernels, dtype=jnp.float32, name='out')(y)

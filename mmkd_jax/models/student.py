@@ -4,7 +4,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmkd_jax.models.layers import Block, Head, LayerNorm, masked_mean
+from mmkd_jax.models.layers import Block, Head, layer_norm, masked_mean
 from mmkd_jax.models.tokens import EMBEDDINGS
 
 Array = Any
@@ -28,19 +28,20 @@ class Student(nn.Module):
   # How feature chunks become tokens: a name in models/tokens.py's EMBEDDINGS.
   embedding: str = 'shared'
   dtype: Any = jnp.float32
+  kernels: str = 'auto'  # layers.use_cpu_kernels: 'auto', 'cpu' or 'flax'; the same parameters either way
 
   @nn.compact
   def __call__(self, batch: dict[str, Array], *, train: bool = False) -> tuple[Array, dict]:
     mask = batch[f'{self.modality}_mask']
-    x = EMBEDDINGS.get(self.embedding)(self.width, self.dtype, name='embed')(batch[self.modality])
+    x = EMBEDDINGS.get(self.embedding)(self.width, self.dtype, self.kernels, name='embed')(batch[self.modality])
     states, maps = [], []
     for layer in range(self.num_layers):
-      x, probs = Block(self.num_heads, self.mlp_ratio, self.dropout_rate, self.dtype,
+      x, probs = Block(self.num_heads, self.mlp_ratio, self.dropout_rate, self.dtype, self.kernels,
                        name=f'self_{layer}')(x, mask, train=train, example_index=batch.get('example_index'))
       states.append(x)
       maps.append(probs)
-    pooled = masked_mean(LayerNorm(self.dtype, name='norm')(x), mask)
-    logits = Head(self.width, self.num_outputs, self.dtype, name='head')(pooled)
+    pooled = masked_mean(layer_norm(kernels=self.kernels, dtype=self.dtype, name='norm')(x), mask)
+    logits = Head(self.width, self.num_outputs, self.dtype, self.kernels, name='head')(pooled)
     taps = {'logits': logits, 'pooled': pooled,
             'hidden': {self.modality: tuple(states)}, 'attn': {self.modality: tuple(maps)}}
     return logits, taps

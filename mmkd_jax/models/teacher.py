@@ -4,7 +4,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmkd_jax.models.layers import Block, Head, LayerNorm, masked_mean
+from mmkd_jax.models.layers import Block, Head, layer_norm, masked_mean
 from mmkd_jax.models.tokens import EMBEDDINGS
 
 Array = Any
@@ -35,16 +35,18 @@ class Teacher(nn.Module):
   # How feature chunks become tokens: a name in models/tokens.py's EMBEDDINGS.
   embedding: str = 'shared'
   dtype: Any = jnp.float32
+  kernels: str = 'auto'  # layers.use_cpu_kernels: 'auto', 'cpu' or 'flax'; the same parameters either way
 
   @nn.compact
   def __call__(self, batch: dict[str, Array], *, train: bool = False) -> tuple[Array, dict]:
     if len(self.modalities) < 2:
       raise ValueError(f'the teacher needs at least two modalities, got {list(self.modalities)}')
     embed = EMBEDDINGS.get(self.embedding)
-    embedded = {m: embed(self.width, self.dtype, name=f'embed_{m}')(batch[m]) for m in self.modalities}
+    embedded = {m: embed(self.width, self.dtype, self.kernels, name=f'embed_{m}')(batch[m]) for m in self.modalities}
     masks = {m: batch[f'{m}_mask'] for m in self.modalities}
     index = batch.get('example_index')
-    block = lambda name: Block(self.num_heads, self.mlp_ratio, self.dropout_rate, self.dtype, name=name)
+    block = lambda name: Block(self.num_heads, self.mlp_ratio, self.dropout_rate, self.dtype, self.kernels,
+                                 name=name)
     hidden, attn, pooled = {}, {}, []
     for m in self.modalities:
       others = [o for o in self.modalities if o != m]
@@ -60,7 +62,8 @@ class Teacher(nn.Module):
         states.append(x)
         maps.append(probs)
       hidden[m], attn[m] = tuple(states), tuple(maps)
-      pooled.append(masked_mean(LayerNorm(self.dtype, name=f'{m}_norm')(x), masks[m]))
+      pooled.append(masked_mean(layer_norm(kernels=self.kernels, dtype=self.dtype, name=f'{m}_norm')(x),
+                                masks[m]))
     pooled = jnp.concatenate(pooled, axis=-1)
-    logits = Head(pooled.shape[-1], self.num_outputs, self.dtype, name='head')(pooled)
+    logits = Head(pooled.shape[-1], self.num_outputs, self.dtype, self.kernels, name='head')(pooled)
     return logits, {'logits': logits, 'pooled': pooled, 'hidden': hidden, 'attn': attn}

@@ -33,6 +33,7 @@ class PerPositionEmbed(nn.Module):
   """
   width: int
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'  # as layers.Embed's, for one signature; an einsum is the same on both paths
 
   @nn.compact
   def __call__(self, x: Array) -> Array:

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from mmkd_jax import checkpoint, data, distill, train
+from mmkd_jax import checkpoint, data, distill, loop, step, train, writer
 from mmkd_jax.data import pipeline
-from tests.conftest import PoisonedIterator
+from tests import conftest
 
 
 def _saved_state(run_dir: str, step: int | None = None) -> dict:
@@ -32,11 +32,11 @@ def test_distill_job_trains_checkpoints_and_reports(tiny_config, tmp_path):
   report = open(os.path.join(workdir, 'report.md')).read()
   assert '| distilled student (m0) |' in report and '| teacher (m0 + m1) |' in report
   # Each run directory keeps its checkpoints (latest + best) and TensorBoard events.
-  run_dir = os.path.join(workdir, 'distilled', 'seed_0')
+  run_dir = os.path.join(workdir, 'distilled')
   assert os.listdir(os.path.join(run_dir, 'checkpoints'))
-  assert any(name.startswith('events.out.tfevents') for name in os.listdir(run_dir))
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(os.path.join(run_dir, 'seed_0')))
   # The distilled student's checkpoint holds the student and its projector, never the teacher.
-  saved = _saved_state(run_dir)
+  saved = _saved_state(run_dir)['train']
   assert set(saved['params']) == {'model', 'projector'}
   assert not any('cross' in k for k in saved['params']['model'])
 
@@ -46,14 +46,12 @@ def test_teacher_checkpoint_restores_and_finished_run_is_not_retrained(tiny_conf
   workdir = str(tmp_path / 'teacher')
   first = train.train_and_evaluate(tiny_config, workdir)
   manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'))
-  assert manager.latest_step() == tiny_config.train.num_steps
-  assert manager.best_step() in (3, 6)
-  events = sorted(os.listdir(workdir))
-  second = train.train_and_evaluate(tiny_config, workdir)  # restores the best checkpoint, trains nothing
+  assert manager.all_steps() == [tiny_config.train.num_steps]  # the latest only: the best is inside it
+  before = sorted(os.listdir(workdir))
+  second = train.train_and_evaluate(tiny_config, workdir)  # restores the best parameters, trains nothing
   assert second['test'] == first['test']
-  assert manager.latest_step() == tiny_config.train.num_steps
-  assert len([n for n in sorted(os.listdir(workdir)) if n.startswith('events')]) >= len(
-      [n for n in events if n.startswith('events')])
+  assert manager.all_steps() == [tiny_config.train.num_steps]
+  assert sorted(os.listdir(workdir)) == before  # no new event file: nothing was logged
 
 
 def test_background_checkpoint_holds_the_state_of_its_step_while_training_donates_on(tmp_path):
@@ -63,18 +61,17 @@ def test_background_checkpoint_holds_the_state_of_its_step_while_training_donate
   state = {'w': jax.numpy.arange(4096.0).reshape(64, 64), 'b': jax.numpy.ones(64)}
   manager = checkpoint.create_manager(str(tmp_path / 'checkpoints'))
   expected = {}
-  for step in (1, 2):
+  for at in (1, 2):
     state = update(state)
-    expected[step] = jax.tree.map(np.array, state)
-    checkpoint.save(manager, step, state, {'next_step': step}, {checkpoint.SCORE: float(3 - step)})  # 1: best, 2: latest
+    expected[at] = jax.tree.map(np.array, state)
+    checkpoint.save(manager, at, state, {'next_step': at})
     for _ in range(5):
       state = update(state)
-  manager.wait_until_finished()
-  for step in (1, 2):
-    restored, data_state = checkpoint.restore(manager, step, jax.tree.map(np.zeros_like, expected[step]))
-    assert data_state == {'next_step': step}
+    manager.wait_until_finished()
+    restored, data_state = checkpoint.restore(manager, at, jax.tree.map(np.zeros_like, expected[at]))
+    assert data_state == {'next_step': at}
     for key in ('w', 'b'):
-      np.testing.assert_array_equal(np.asarray(restored[key]), expected[step][key])
+      np.testing.assert_array_equal(np.asarray(restored[key]), expected[at][key])
   manager.close()
 
 
@@ -105,13 +102,13 @@ def test_bfloat16_compute_trains_with_finite_float32_losses(tiny_config, tmp_pat
     losses = [json.loads(line)['loss'] for line in f]
   assert len(losses) == 2 and all(np.isfinite(losses))
   # Parameters stay float32 whatever the compute dtype.
-  saved = _saved_state(str(tmp_path / 'work'))
+  saved = _saved_state(str(tmp_path / 'work'))['train']
   assert {x.dtype for x in jax.tree.leaves(saved['params'])} == {np.dtype('float32')}
 
 
 def test_skip_nonfinite_skips_the_bad_step_counts_it_and_finishes(tiny_config, tmp_path, monkeypatch):
-  original = pipeline.train_iterator
-  monkeypatch.setattr(pipeline, 'train_iterator', lambda *a, **k: PoisonedIterator(original(*a, **k), bad_batch=2))
+  monkeypatch.setattr(loop.TrainBatches, 'fetch', loop.TrainBatches.fetch)  # undone after the test
+  conftest.poison_batches(step=2)
   tiny_config.job = 'teacher'
   tiny_config.train.skip_nonfinite = True
   train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
@@ -119,8 +116,8 @@ def test_skip_nonfinite_skips_the_bad_step_counts_it_and_finishes(tiny_config, t
     logged = [json.loads(line) for line in f]
   assert [r['skipped_steps'] for r in logged] == [1, 1]
   assert all(np.isfinite(r['loss']) for r in logged)
-  saved = _saved_state(str(tmp_path / 'work'))
-  assert int(saved['step']) == tiny_config.train.num_steps
+  saved = _saved_state(str(tmp_path / 'work'))['train']
+  assert int(saved['step'][0]) == tiny_config.train.num_steps
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved['params']))
 
 
@@ -148,10 +145,10 @@ def _distillation_setup(config):
   config.distill.terms = ALL_LEVELS
   builder = data.load_builder(config.data)
   info = data.task_info(builder)
-  teacher, student = train.create_model(config, info, 'teacher'), train.create_model(config, info, 'student')
+  teacher, student = step.create_model(config, info, 'teacher'), step.create_model(config, info, 'student')
   modalities = list(teacher.modalities)
-  teacher_params = teacher.init(jax.random.key(5), train.dummy_batch(info, modalities))['params']
-  state, dist = train.create_train_state(config, student, info, modalities, tuple(jax.random.split(jax.random.key(1))),
+  teacher_params = teacher.init(jax.random.key(5), step.dummy_batch(info, modalities))['params']
+  state, dist = step.create_train_state(config, student, info, modalities, tuple(jax.random.split(jax.random.key(1))),
                                          (teacher, teacher_params), distill.parse_terms(config.distill.terms))
   return builder, info, student, teacher, teacher_params, state, dist
 
@@ -160,17 +157,17 @@ def test_cached_teacher_targets_are_the_teacher_sides_of_each_drawn_example(tiny
   """Read back by row from the cache, every pair of a shuffled batch is the pair the teacher gives online."""
   builder, info, student, teacher, teacher_params, state, dist = _distillation_setup(tiny_config)
   n = pipeline.num_examples(builder, 'train')
-  cached_dist, fields = train.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info, 24,
-                                              train.create_mesh(tiny_config), 1.0)
+  cached_dist, fields = step.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info, 24,
+                                              step.create_mesh(tiny_config), 1.0)
   assert set(fields) == {'teacher/logits/logits', 'teacher/pooled/pooled', 'teacher/hidden/hidden_0_0',
                          'teacher/attention/attention_0_0'}
   assert all(len(v) == n for v in fields.values())
   batch = next(pipeline.train_iterator(builder, ['m0', 'm1'], 16, seed=4, row_fields={'row': np.arange(n)}))
   rows = batch.pop('row')
   taps_of_student = student.apply({'params': state.params['model']}, batch)[1]
-  online = train.distillation_pairs(student, dist, taps_of_student, teacher_params, batch)
+  online = step.distillation_pairs(student, dist, taps_of_student, teacher_params, batch)
   student_only = {k: v for k, v in batch.items() if not k.startswith('m1')}
-  cached = train.distillation_pairs(student, cached_dist, taps_of_student, None,
+  cached = step.distillation_pairs(student, cached_dist, taps_of_student, None,
                                     {**student_only, **{k: v[rows] for k, v in fields.items()}})
   for level, named in online.items():
     for name, pair in named.items():
@@ -213,11 +210,11 @@ def test_runs_of_other_seeds_reuse_the_traced_train_step(tiny_config, tmp_path):
   builder = data.load_builder(tiny_config.data)
   info = data.task_info(builder)
   tiny_config.train.num_steps = 2
-  before = train.train_step._cache_size()
+  before = loop.train_steps._cache_size()
   first = train.train_run(tiny_config, 'student', str(tmp_path / 'seed_0'), 0, builder, info)
-  after_first = train.train_step._cache_size()
+  after_first = loop.train_steps._cache_size()
   second = train.train_run(tiny_config, 'student', str(tmp_path / 'seed_1'), 1, builder, info)
-  assert after_first - before <= 1 and train.train_step._cache_size() == after_first
+  assert after_first - before <= 1 and loop.train_steps._cache_size() == after_first
   # Two real runs: other seeds, other parameters.
   assert not np.array_equal(jax.tree.leaves(first.params)[0], jax.tree.leaves(second.params)[0])
 
@@ -227,12 +224,12 @@ def test_runs_of_other_seeds_reuse_the_traced_train_step(tiny_config, tmp_path):
     ('/w/distilled/seed_0/', 'student', 'distilled/seed_0'), ('/tmp/mmkd_jax', 'student', 'student'),
     ('/s/runs/pix64-hidden-mse/seed_1', 'student', 'pix64-hidden-mse/seed_1')])
 def test_run_label_names_the_arm_and_seed(run_dir, role, label):
-  assert train.run_label(run_dir, role) == label
+  assert loop.run_label(run_dir, role) == label
 
 
 def test_resumed_run_drops_the_logged_steps_past_its_checkpoint(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   path.write_text(''.join(json.dumps({'step': step, 'loss': 1.0}) + '\n' for step in (10, 20, 30, 40)))
-  train.drop_logged_steps_after(str(path), 20)
+  writer.drop_logged_steps_after(str(path), 20)
   assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [10, 20]
-  train.drop_logged_steps_after(str(tmp_path / 'absent.jsonl'), 20)  # a run that logged nothing yet
+  writer.drop_logged_steps_after(str(tmp_path / 'absent.jsonl'), 20)  # a run that logged nothing yet

@@ -89,6 +89,24 @@ def stack(trees: Sequence[Any]) -> Any:
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
+def put(tree: Any, sharding: NamedSharding) -> Any:
+  """`tree` as global arrays laid out by `sharding`: its process-local leaves (every process holds
+  the same) and its global ones (resharded)."""
+  def put_leaf(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put_leaf, tree)
+
+
+def to_host(tree: Any) -> Any:
+  """`tree`'s global arrays as NumPy arrays, on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def member(tree: Any, index: int) -> Any:
   return jax.tree.map(lambda x: x[index], tree)
 
@@ -139,7 +157,7 @@ def guarded_step(model: nn.Module, task: str, dist: step.Distillation | None, me
                  skip_nonfinite: bool):
   """`step.make_train_step`'s step for one member with its non-finite guard.
 
-  `(state, guard), batch, rng, teacher_params -> (state, guard), values`: a non-finite step is
+  `(state, guard), batch, rng (key data), teacher_params -> (state, guard), values`: a non-finite step is
   never applied (the step itself sees to that); without `skip_nonfinite` it also stops the
   member, whose parameters stay as they were from then on while its step count goes on.
   `values` are the step's metrics plus 'counted' (1 where the step was applied).
@@ -148,7 +166,7 @@ def guarded_step(model: nn.Module, task: str, dist: step.Distillation | None, me
 
   def member_step(carry, batch, rng, teacher_params):
     state, guard = carry
-    updated, metrics = train_step(state, batch, rng, teacher_params)
+    updated, metrics = train_step(state, batch, jax.random.wrap_key_data(rng), teacher_params)
     bad = metrics['nonfinite'].compute() > 0
     applied = ~bad & ~guard['stopped']
     state = jax.tree.map(lambda new, old: jnp.where(guard['stopped'], old, new), updated,
@@ -213,7 +231,8 @@ def format_eta(seconds: float) -> str:
 def window_means(windows: list[dict[str, Array]]) -> tuple[list[dict[str, float] | None], dict[str, np.ndarray]]:
   """Per member, the mean of each value over the steps of `windows` that were applied (None where
   none was), and the values of every step, (steps, members) arrays."""
-  values = jax.device_get({k: np.concatenate([w[k] for w in windows]) for k in windows[0]})
+  windows = to_host(windows)
+  values = {k: np.concatenate([w[k] for w in windows]) for k in windows[0]}
   counted = values.pop('counted')
   means = []
   for i in range(counted.shape[1]):
@@ -236,6 +255,7 @@ class Arm:
   task: str
   dist: step.Distillation | None
   mesh: Mesh
+  modalities: list[str]  # of the training batches with the teacher run online
   carry: tuple[Any, dict]  # (train state, guard), member axis first
   best: Any  # each member's parameters at its best validation step
   best_step: list[int]
@@ -251,7 +271,7 @@ def train_population(arm: Arm, manager: Any, writers: list[writer.MetricWriter],
   config = arm.config
   start = int(arm.carry[0].step[0])
   windows, start_time = [], time.perf_counter()
-  seen = {**jax.device_get(arm.carry[1]), 'step': start}
+  seen = {**to_host(arm.carry[1]), 'step': start}
   step_now = start
   with Preemption() as preemption:
     while step_now < num_steps:
@@ -286,7 +306,7 @@ def train_population(arm: Arm, manager: Any, writers: list[writer.MetricWriter],
 def _check_guard(arm: Arm, manager: Any, step_now: int, windows: list, seen: dict) -> dict:
   """Names the members that met a non-finite step since `seen` (the guard at the last look, with
   its 'step'); raises when every member has stopped. Returns the guard as seen now."""
-  guard = {**jax.device_get(arm.carry[1]), 'step': step_now}
+  guard = {**to_host(arm.carry[1]), 'step': step_now}
   new = [i for i in range(len(arm.names)) if (guard['stopped'][i] and not seen['stopped'][i])
          or guard['skipped'][i] > seen['skipped'][i]]
   if not new:
@@ -315,7 +335,7 @@ def _check_guard(arm: Arm, manager: Any, step_now: int, windows: list, seen: dic
 
 def _log(arm: Arm, writers: list, windows: list, step_now: int, num_steps: int, rate: float) -> None:
   means, _ = window_means(windows)
-  skipped = jax.device_get(arm.carry[1]['skipped'])
+  skipped = to_host(arm.carry[1]['skipped'])
   for name, values, w, count in zip(arm.names, means, writers, skipped):
     if values is None:  # stopped before this window
       continue
@@ -353,15 +373,11 @@ def restore(arm: Arm, manager: Any, step_now: int) -> None:
   arm.best_step, arm.best_validation = list(saved['best_step']), list(saved['best_validation'])
 
 
-def run_arm(config: ml_collections.ConfigDict, role: str, run_dir: str, seeds: Sequence[int], builder: Any,
-            info: data.TaskInfo, log_dirs: Sequence[str], teacher: tuple[nn.Module, Any] | None = None,
-            terms: tuple[distill.Term, ...] = (), restore_only: bool = False) -> list[RunResult]:
-  """Trains the population of `seeds` in `run_dir` (resuming its checkpoint) and evaluates each member.
-
-  With `teacher` = (module, params) and `terms`, the members are distilled from the teacher.
-  With `restore_only`, a finished run is restored and evaluated, never trained or written to.
-  Member i logs to `log_dirs[i]`.
-  """
+def build_arm(config: ml_collections.ConfigDict, role: str, seeds: Sequence[int], builder: Any,
+              info: data.TaskInfo, names: Sequence[str], teacher: tuple[nn.Module, Any] | None = None,
+              terms: tuple[distill.Term, ...] = ()) -> Arm:
+  """The population of `seeds` at step 0: each member initialised as its seed's own run, on the
+  mesh; `teacher` = (module, params) and `terms` distill it; `names` label the members' progress lines."""
   mesh = step.create_mesh(config, len(seeds))
   for key in ('batch_size', 'eval_batch_size'):
     if config.train[key] % mesh.shape['data']:
@@ -376,13 +392,25 @@ def run_arm(config: ml_collections.ConfigDict, role: str, run_dir: str, seeds: S
     state, dist = step.create_train_state(config, model, info, modalities, (init_rng, projector_rng), teacher, terms)
     states.append(state)
     rngs.append(step_rng)
-  state = jax.device_put(stack(states), NamedSharding(mesh, PartitionSpec('member')))
-  teacher_params = jax.device_put(teacher[1], replicated) if teacher else None
+  state = put(stack(states), NamedSharding(mesh, PartitionSpec('member')))
+  return Arm(config, list(names), model, info.task, dist, mesh, modalities,
+             (state, put(new_guard(len(seeds)), replicated)), jax.tree.map(jnp.copy, state.params),
+             [0] * len(seeds), [None] * len(seeds), put(jax.random.key_data(jnp.stack(rngs)), replicated),
+             put(teacher[1], replicated) if teacher else None, None,
+             functools.partial(evaluate_members, builder, info, model, mesh, config.train.eval_batch_size))
+
+
+def run_arm(config: ml_collections.ConfigDict, role: str, run_dir: str, seeds: Sequence[int], builder: Any,
+            info: data.TaskInfo, log_dirs: Sequence[str], teacher: tuple[nn.Module, Any] | None = None,
+            terms: tuple[distill.Term, ...] = (), restore_only: bool = False) -> list[RunResult]:
+  """Trains the population of `seeds` in `run_dir` (resuming its checkpoint) and evaluates each member.
+
+  With `teacher` = (module, params) and `terms`, the members are distilled from the teacher.
+  With `restore_only`, a finished run is restored and evaluated, never trained or written to.
+  Member i logs to `log_dirs[i]`.
+  """
+  arm = build_arm(config, role, seeds, builder, info, [run_label(d, role) for d in log_dirs], teacher, terms)
   manager = checkpoint.create_manager(os.path.join(run_dir, 'checkpoints'))
-  arm = Arm(config, [run_label(d, role) for d in log_dirs], model, info.task, dist, mesh,
-            (state, jax.device_put(new_guard(len(seeds)), replicated)), jax.tree.map(jnp.copy, state.params),
-            [0] * len(seeds), [None] * len(seeds), jax.device_put(jnp.stack(rngs), replicated), teacher_params,
-            None, functools.partial(evaluate_members, builder, info, model, mesh, config.train.eval_batch_size))
   if manager.latest_step() is not None:
     restore(arm, manager, manager.latest_step())
   start = int(arm.carry[0].step[0])
@@ -391,7 +419,7 @@ def run_arm(config: ml_collections.ConfigDict, role: str, run_dir: str, seeds: S
   else:
     if start:
       logging.info('%s: resumed at step %d', run_dir, start)
-    arm.batches = train_batches(arm, builder, info, modalities, seeds)
+    arm.batches = train_batches(arm, builder, info, seeds)
     writers = [writer.MetricWriter(d, start) for d in log_dirs]
     train_population(arm, manager, writers, config.train.num_steps)
     for w in writers:
@@ -400,11 +428,10 @@ def run_arm(config: ml_collections.ConfigDict, role: str, run_dir: str, seeds: S
   return results(arm)
 
 
-def train_batches(arm: Arm, builder: Any, info: data.TaskInfo, modalities: list[str],
-                  seeds: Sequence[int]) -> TrainBatches:
+def train_batches(arm: Arm, builder: Any, info: data.TaskInfo, seeds: Sequence[int]) -> TrainBatches:
   """The arm's training data: with `config.distill.cache_teacher`, the batches carry the teacher's
   targets (and the arm's Distillation reads them) instead of its input modalities."""
-  config, row_fields = arm.config, None
+  config, row_fields, modalities = arm.config, None, arm.modalities
   if arm.dist is not None and config.distill.cache_teacher:
     cached = step.teacher_targets(arm.model, arm.dist, member(arm.carry[0], 0).params['model'], arm.teacher_params,
                                   builder, info, config.train.eval_batch_size, arm.mesh,
@@ -435,7 +462,7 @@ def evaluate_members(builder: Any, info: data.TaskInfo, model: nn.Module, mesh: 
 def results(arm: Arm) -> list[RunResult]:
   """Each member's best parameters, their validation metrics and its test metrics."""
   test = arm.eval_split('test', arm.best)
-  guard = jax.device_get(arm.carry[1])
+  guard = to_host(arm.carry[1])
   num_params = step.count_params(member(arm.best, 0)['model'])
   runs = []
   for i, name in enumerate(arm.names):

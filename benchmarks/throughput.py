@@ -7,9 +7,9 @@ Usage: python benchmarks/throughput.py [--config=configs/distill.py] [--config.a
 In one process, on the config's data and baseline student (task loss only):
   * sequential: seeds 0, 1, 2 one after another, each its own population of one,
   * a population of 3 (seeds 0-2) and a population of 10 (seeds 0-9), one program each,
-each through the training loop (`loop.train_population`: K steps per call, logging, the
-non-finite guard, one validation and checkpoint at the end) for `--steps` steps after
-`--warmup` untimed ones (compilation). Prints member-steps/s of each, the populations' ratios
+each through the training loop (`loop.train_population`: K steps per call, the non-finite
+guard, logging, one validation and checkpoint at the end) for `--steps` steps after `--warmup`
+untimed ones (compilation), both rounded up to whole calls. Prints member-steps/s of each, the populations' ratios
 to sequential, and the loop's efficiency: the sequential loop's steps/s divided by those of
 the bare jitted step (`step.make_train_step`, one call per step on batches already on the
 device, no host reads), timed in the same run. One JSON line at the end.
@@ -79,10 +79,11 @@ def bare_steps_per_second(config, builder, info) -> float:
 def main(argv):
   del argv
   config = FLAGS.config
-  # Validation and checkpoint once, at the end of each timed stretch; progress lines every 100 steps.
-  config.train.log_every = 100
-  config.train.eval_every = FLAGS.warmup + FLAGS.steps
-  config.train.num_steps = FLAGS.warmup + FLAGS.steps
+  # Whole calls of steps_per_call steps only, all compiled during the warm-up; validation and
+  # checkpoint once, at the end of each stretch; progress lines at its end too.
+  k = config.train.steps_per_call
+  FLAGS.warmup, FLAGS.steps = -(-FLAGS.warmup // k) * k, -(-FLAGS.steps // k) * k
+  config.train.log_every = config.train.eval_every = FLAGS.warmup + FLAGS.steps
   validation.check_config(config)
   runtime.configure_host(config)
   checkpoint.quiet_orbax_logs()

@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -154,7 +154,7 @@ def new_guard(members: int) -> dict[str, Array]:
 
 
 def guarded_step(model: nn.Module, task: str, dist: step.Distillation | None, mesh: Mesh,
-                 skip_nonfinite: bool):
+                 skip_nonfinite: bool) -> Callable:
   """`step.make_train_step`'s step for one member with its non-finite guard.
 
   `(state, guard), batch, rng (key data), teacher_params -> (state, guard), values`: a non-finite step is
@@ -263,7 +263,7 @@ class Arm:
   rngs: Array
   teacher_params: Any
   batches: TrainBatches | None
-  eval_split: Any  # split -> per-member metrics of `params`
+  eval_split: Callable[[str, Any], list[dict[str, float]]]  # (split, params) -> each member's metrics
 
 
 def train_population(arm: Arm, manager: Any, writers: list[writer.MetricWriter], num_steps: int) -> None:

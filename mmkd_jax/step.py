@@ -105,9 +105,10 @@ def data_parallel_apply(model: nn.Module, mesh: Mesh) -> Callable:
       return model.apply({'params': params}, batch, train=train, rngs=rngs)
     flat, unravel = ravel_pytree(params)
     batch = {**batch, 'example_index': jnp.arange(jax.tree.leaves(batch)[0].shape[0])}
-    local = lambda flat, batch: model.apply({'params': unravel(flat)}, batch, train=train, rngs=rngs)
-    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec('data')),
-                         out_specs=PartitionSpec('data'), check_vma=False)(flat, batch)
+    # The RNGs are arguments, not closed over: under a population's vmap they carry the member axis.
+    local = lambda flat, batch, rngs: model.apply({'params': unravel(flat)}, batch, train=train, rngs=rngs)
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec('data'), PartitionSpec()),
+                         out_specs=PartitionSpec('data'), check_vma=False)(flat, batch, rngs)
   return apply
 
 

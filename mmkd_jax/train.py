@@ -146,8 +146,8 @@ def load_data(config: ml_collections.ConfigDict) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.job` in `workdir` (see the module docstring) and returns its results."""
   if 'study' in config:
-    raise errors.ConfigError('this config has a config.study grid: run it with `python -m mmkd_jax.study --config=...`; '
-                     f'mmkd_jax.main runs one job (config.job, one of {", ".join(validation.JOBS)})')
+    raise errors.ConfigError('this config has a config.study grid: run it with `python -m mmkd_jax.study '
+                             f'--config=...`; mmkd_jax.main runs one job (config.job, one of {", ".join(validation.JOBS)})')
   validation.check_config(config)
   workdir = validation.workdir_path(workdir)
   runtime.configure_host(config)

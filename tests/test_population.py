@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmkd_jax import checkpoint, data, errors, loop, train
+from mmkd_jax import checkpoint, data, errors, loop, step, train
+from mmkd_jax.data import pipeline
 
 
 def _final(run_dir: str) -> dict:
@@ -75,8 +76,7 @@ def test_host_gathered_batches_equal_device_resident_ones(setup, tmp_path):
 
 def test_batches_follow_the_host_iterators_order(setup):
   config, builder, info = setup
-  from mmkd_jax.data import pipeline
-  mesh = train.step.create_mesh(config, 2)
+  mesh = step.create_mesh(config, 2)
   arrays = pipeline.train_arrays(builder, ['m0'], row_fields={'row': np.arange(64)})
   fetched = loop.TrainBatches(arrays, (3, 5), 16, mesh, resident=True).fetch(first_step=4, count=3)
   for i, seed in enumerate((3, 5)):

@@ -69,7 +69,7 @@ replicated = NamedSharding(Mesh(np.array(jax.devices()), ('data',)), PartitionSp
 state = {f'w{i}': jax.device_put(np.arange(8 * (i + 1), dtype=np.float32).reshape(8, i + 1), replicated)
          for i in range(6)}
 manager = checkpoint.create_manager(sys.argv[1])
-checkpoint.save(manager, 1, state, {'epoch': 0}, {checkpoint.SCORE: 0.0})
+checkpoint.save(manager, 1, state, {'epoch': 0})
 manager.wait_until_finished()
 restored, data_state = checkpoint.restore(manager, 1, state)
 equal = all(np.array_equal(np.asarray(restored[k]), np.asarray(v)) for k, v in state.items())

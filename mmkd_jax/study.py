@@ -263,9 +263,11 @@ def _finished(path: str, fingerprints: dict[str, dict], overwrite: bool) -> dict
 
 
 def _summary(runs: list[loop.RunResult], fingerprints: dict[str, dict], start: float, **fields) -> dict:
-  """What a stored result holds: per-seed test and validation metrics, params, time, provenance."""
+  """What a stored result holds: per-seed test and validation metrics and the step a non-finite one
+  stopped each seed at (None: never), params, time, provenance."""
   return {**fields, 'seeds': [int(s) for s in fingerprints], 'test': [r.test for r in runs],
-          'validation': [r.validation for r in runs], 'params': runs[0].num_params,
+          'validation': [r.validation for r in runs], 'stopped_at': [r.stopped_at for r in runs],
+          'params': runs[0].num_params,
           'seconds': time.perf_counter() - start, 'fingerprints': fingerprints}
 
 

@@ -176,6 +176,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       teacher=teacher, students=runs['student'], distilled=runs['distilled'],
       teacher_latency=latency(teacher.model, teacher.params, info, config),
       student_latency=latency(runs['student'][0].model, runs['student'][0].params, info, config))
+  # Members a non-finite step stopped (config.train.skip_nonfinite=False): their best checkpoint predates it.
+  stopped = {f'{arm}/seed_{seed}': run.stopped_at for arm, arm_runs in runs.items()
+             for seed, run in zip(seeds, arm_runs) if run.stopped_at is not None}
+  if stopped:
+    results['stopped_at_step'] = stopped
+    logging.warning('stopped by a non-finite step (step each): %s', stopped)
   report.write(results, workdir)
   logging.info('report written to %s', os.path.join(workdir, 'report.md'))
   return results

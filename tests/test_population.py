@@ -5,12 +5,12 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mmkd_jax import checkpoint, data, errors, loop, step, train
 from mmkd_jax.data import pipeline
+from tests import conftest
 
 
 def _final(run_dir: str) -> dict:
@@ -88,15 +88,8 @@ def test_batches_follow_the_host_iterators_order(setup):
 def test_a_nan_in_one_member_stops_it_alone(setup, tmp_path, monkeypatch, caplog):
   config, builder, info = setup
   train.train_arm(config, str(tmp_path / 'clean'), (0, 1), builder, info)
-  fetch = loop.TrainBatches.fetch
-
-  def poisoned(self, first_step, count):
-    batches = fetch(self, first_step, count)
-    if first_step <= 2 < first_step + count:  # member 1's batch of step 2
-      batches['m0'] = batches['m0'].at[2 - first_step, 1, 0, 0, 0].set(jnp.nan)
-    return batches
-
-  monkeypatch.setattr(loop.TrainBatches, 'fetch', poisoned)
+  monkeypatch.setattr(loop.TrainBatches, 'fetch', loop.TrainBatches.fetch)  # undone after the test
+  conftest.poison_batches(step=2, member=1)
   with caplog.at_level(logging.WARNING):
     results = train.train_arm(config, str(tmp_path / 'poisoned'), (0, 1), builder, info)
   assert ('[poisoned/seed_1] non-finite grad_norm, loss, task_loss at step 2; the update was not applied '
@@ -121,3 +114,13 @@ def test_a_workdir_of_the_earlier_layout_is_refused(setup, tmp_path):
   checkpoint.write_json(str(tmp_path / 'one' / 'run.json'), train.run_fingerprint(config, 'student', 0, False))
   with pytest.raises(errors.ConfigError, match='holds a run of another layout'):
     train.train_run(config, 'student', str(tmp_path / 'one'), 0, builder, info)
+
+
+def test_the_report_names_the_members_a_nan_stopped(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(loop.TrainBatches, 'fetch', loop.TrainBatches.fetch)  # undone after the test
+  conftest.poison_batches(step=2, member=1)  # the teacher, a population of one, has no member 1
+  tiny_config.report.seeds = '0,1'
+  results = train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
+  assert results['stopped_at_step'] == {'student/seed_1': 2, 'distilled/seed_1': 2}
+  with open(tmp_path / 'work' / 'report.json') as f:
+    assert json.load(f)['stopped_at_step'] == results['stopped_at_step']

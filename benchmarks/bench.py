@@ -8,7 +8,7 @@ Usage: python benchmarks/bench.py [--batch 32] [--len_a 50] [--len_b 50] [--dim_
 Times, at the reference's default sizes and with dropout 0:
   * the jitted train step (value_and_grad of softmax cross-entropy + optax Adam update,
     jit with donate_argnums on params/optimizer state; the model runs through
-    train.data_parallel_apply, as in training) of the Teacher and the Student,
+    step.data_parallel_apply, as in training) of the Teacher and the Student,
   * jitted inference (logits) of each,
 as samples/s from the median step time of `--steps` steps per round after warm-up
 (block_until_ready after every step). Compile + first run is reported apart.
@@ -48,7 +48,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mmkd_jax import runtime  # noqa: E402
 from mmkd_jax.models.student import Student  # noqa: E402
 from mmkd_jax.models.teacher import Teacher  # noqa: E402
-from mmkd_jax.train import data_parallel_apply  # noqa: E402
+from mmkd_jax.step import data_parallel_apply  # noqa: E402
 
 DEFAULT_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'bench' / 'torch_reference.py'
 

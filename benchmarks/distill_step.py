@@ -4,16 +4,15 @@
 Usage: python benchmarks/distill_step.py --config=configs/distill.py [--config.a.b=value ...]
        [--steps 100] [--rounds 5] [--warmup 10]
 
-Times three arms of the project's own jitted train step (`train.train_step`) on the
+Times three arms of the project's own train step (`step.make_train_step`, jitted) on the
 config's data and models: the baseline student (task loss only), the distilled student with
 the teacher run in every step (`config.distill.cache_teacher=False`) and the distilled student
-reading the teacher's targets from the batch (`train.teacher_targets`, the default). The
+reading the teacher's targets from the batch (`step.teacher_targets`, the default). The
 teacher has random parameters: its values do not change the work. Each round times `--steps`
 steps of every arm in turn (the batches are placed on the devices beforehand, and each step
 blocks until its metrics are ready); prints steps/s (median over rounds), the per-round ratios
 cached/online and cached/baseline (median over rounds) and one JSON line.
 """
-import functools
 import json
 import pathlib
 import statistics
@@ -26,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from mmkd_jax import data, distill, runtime, train, validation  # noqa: E402
+from mmkd_jax import data, distill, runtime, step, validation  # noqa: E402
 from mmkd_jax.data import pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -45,40 +44,40 @@ def build_arms(config) -> dict:
   builder = data.load_builder(config.data)
   info = data.task_info(builder)
   validation.check_against_data(config, info)
-  mesh = train.create_mesh(config)
+  mesh = step.create_mesh(config)
   sharding, replicated = NamedSharding(mesh, PartitionSpec('data')), NamedSharding(mesh, PartitionSpec())
-  teacher = train.create_model(config, info, 'teacher')
-  student = train.create_model(config, info, 'student')
-  modalities = train.batch_modalities(student, teacher)
+  teacher = step.create_model(config, info, 'teacher')
+  student = step.create_model(config, info, 'student')
+  modalities = step.batch_modalities(student, teacher)
   teacher_params = jax.device_put(
-      train.init_params(teacher, jax.random.key(1), train.dummy_batch(info, modalities)), replicated)
+      step.init_params(teacher, jax.random.key(1), step.dummy_batch(info, modalities)), replicated)
   terms = distill.parse_terms(config.distill.terms)
   arms = {}
   for arm in ARMS:
     distilled = arm != 'baseline'
-    state, dist = train.create_train_state(config, student, info, modalities if distilled else [student.modality],
+    state, dist = step.create_train_state(config, student, info, modalities if distilled else [student.modality],
                                            tuple(jax.random.split(jax.random.key(0))),
                                            (teacher, teacher_params) if distilled else None, terms)
     row_fields = None
     if arm == 'cached':
-      dist, row_fields = train.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info,
+      dist, row_fields = step.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info,
                                                config.train.eval_batch_size, mesh, float('inf'))
-    arm_modalities = modalities if arm == 'online' else train.batch_modalities(student)
+    arm_modalities = modalities if arm == 'online' else step.batch_modalities(student)
     iterator = pipeline.train_iterator(builder, arm_modalities, config.train.batch_size, seed=0,
                                        row_fields=row_fields)
-    batches = [train.shard_local_batch(next(iterator), sharding) for _ in range(8)]
-    step = functools.partial(train.train_step, model=student, task=info.task, dist=dist, mesh=mesh)
-    arms[arm] = [step, jax.device_put(state, replicated), teacher_params if dist else None, batches]
+    batches = [step.shard_local_batch(next(iterator), sharding) for _ in range(8)]
+    train_step = jax.jit(step.make_train_step(student, info.task, dist, mesh), donate_argnums=0)
+    arms[arm] = [train_step, jax.device_put(state, replicated), teacher_params if dist else None, batches]
   return arms
 
 
 def run_steps(arm: list, count: int) -> list[float]:
   """Per-step seconds of `count` steps; the arm's state advances."""
-  step, state, teacher_params, batches = arm
+  train_step, state, teacher_params, batches = arm
   rng, times = jax.random.key(0), []
   for i in range(count):
     start = time.perf_counter()
-    state, metrics = step(state, batches[i % len(batches)], rng, teacher_params)
+    state, metrics = train_step(state, batches[i % len(batches)], rng, teacher_params)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   arm[1] = state

@@ -1,8 +1,9 @@
-"""Orbax checkpoints of a run: the train state, the data iterator position and eval metrics.
+"""Orbax checkpoints of a run: a tree of arrays (the train state) and a JSON item beside it.
 
-Each run directory keeps two checkpoints: the latest (to resume) and the best by the
-validation score (to evaluate and to serve as a teacher). Orbax writes to a temporary
-directory and renames it when complete, so a killed run never leaves a half-written one.
+Each run directory keeps its latest checkpoint only: whatever must survive beyond it (a
+population member's best parameters and their validation metrics) is part of what is saved.
+Orbax writes to a temporary directory and renames it when complete, so a killed run never
+leaves a half-written one.
 """
 import json
 import logging as py_logging
@@ -16,12 +17,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
 from mmkd_jax.errors import ConfigError
-
-SCORE = 'score'  # key of the higher-is-better validation score stored with each checkpoint
-
 
 def _not_orbax_info(record: py_logging.LogRecord) -> bool:
   return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
@@ -47,33 +44,25 @@ def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
 
 
 def create_manager(directory: str) -> ocp.CheckpointManager:
-  """A manager in `directory` that keeps the latest and the best-scoring checkpoint."""
-  best = checkpoint_managers.BestN(get_metric_fn=lambda m: m[SCORE], reverse=False, n=1,
-                                   keep_checkpoints_without_metrics=False)
-  options = ocp.CheckpointManagerOptions(
-      best_fn=lambda m: m[SCORE], best_mode='max', create=True,
-      preservation_policy=checkpoint_managers.AnyPreservationPolicy(
-          [checkpoint_managers.LatestN(n=1), best]))
+  """A manager in `directory` that keeps the latest checkpoint."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
   handlers = {'state': ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
               'data': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
-         metrics: dict[str, float]) -> None:
-  """Starts saving state, iterator position and metrics (which must hold SCORE) at `step`.
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -> None:
+  """Starts saving `state` (arrays) and `data_state` (JSON) at `step`.
 
   Orbax has the arrays on the host when this returns (on CPU as views that keep JAX from
   donating those buffers to the next step) and writes them in the background while training
   goes on; `manager.wait_until_finished()` before reading checkpoints back (`close()` waits too).
   """
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
-                                             data=ocp.args.JsonSave(data_state)),
-               metrics={k: float(v) for k, v in metrics.items()})
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
-  """Restores (state shaped like `target`, iterator state) saved at `step`."""
+  """Restores (state shaped like `target`, the JSON item) saved at `step`."""
   state = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
   restored = manager.restore(step, args=ocp.args.Composite(state=state, data=ocp.args.JsonRestore()))
   return restored['state'], restored['data']

@@ -9,11 +9,37 @@ import contextlib
 import io
 import logging
 import os
+import time
 from typing import Iterator
 
 from absl import logging as absl_logging
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def format_eta(seconds: float) -> str:
+  """h:mm:ss of a remaining time."""
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Progress:
+  """A job's own lines before each of its `total` parts: '<kind> i/n: <name> | <scope> ETA h:mm:ss'.
+
+  The ETA is the mean wall time of the parts done so far times the parts left ('-' before the first
+  ends): rough, since parts differ (a teacher, a population of students), but it says when to come back.
+  """
+
+  def __init__(self, total: int, kind: str, scope: str):
+    self.total, self.kind, self.scope = total, kind, scope
+    self.started = 0
+    self.start = time.perf_counter()
+
+  def next(self, name: str) -> None:
+    """Logs the line of the next part, `name`."""
+    done, self.started = self.started, self.started + 1
+    eta = format_eta((time.perf_counter() - self.start) / done * (self.total - done)) if done else '-'
+    absl_logging.info('%s %d/%d: %s | %s ETA %s', self.kind, self.started, self.total, name, self.scope, eta)
 
 
 def _is_quiet() -> bool:

@@ -51,6 +51,11 @@ def build(config: ml_collections.ConfigDict, info: Any, *, teacher: Any, student
   for row in references:
     if row['seeds'] != seeds:
       raise ValueError(f'reference on {row["inputs"]} was fitted with seeds {row["seeds"]}, the report has {seeds}')
+  # Members a non-finite step stopped (config.train.skip_nonfinite=False): their best checkpoint predates it.
+  stopped = {f'{arm}/seed_{seed}': run.stopped_at for arm, runs in (('student', students), ('distilled', distilled))
+             for seed, run in zip(seeds, runs) if getattr(run, 'stopped_at', None) is not None}
+  if stopped:
+    results['stopped_at_step'] = stopped
   own = [r for r in references if r['of'] == 'student' and r['inputs'] == config.student.modality]
   if own:
     # The students against the linear model on their own view, paired by seed like the gain.
@@ -106,7 +111,7 @@ def markdown(results: dict) -> str:
                  + ' | '.join(f"{r['mean'][k]:.4f} +- {r['std'][k]:.4f}" for k in keys)
                  + f" | {r['params']:,} | {r['latency_ms']:.3f} |")
   lines += ['', 'Gain of distillation (distilled - baseline at the same seed: mean of the per-seed differences '
-            f'and its interval): ' + ', '.join(f'{k} {stats.format_difference(v)}{_lower(k)}'
+            'and its interval): ' + ', '.join(f'{k} {stats.format_difference(v)}{_lower(k)}'
                                                 for k, v in results['gain_paired'].items()) + '. '
             + _significance(results['gain_paired']) + ' ' + results['interval']['description']]
   if results['references']:
@@ -129,6 +134,9 @@ def markdown(results: dict) -> str:
             'Per-seed test values: ' + '; '.join(
                 f"{arm} {k} {', '.join(f'{v:.4f}' for v in results[arm]['per_seed'][k])}"
                 for arm in ('student', 'distilled') for k in keys) + '.', '']
+  if 'stopped_at_step' in results:
+    lines += ['Stopped by a non-finite step (their results are of the best checkpoint before it): '
+              + ', '.join(f'{run} at step {at}' for run, at in results['stopped_at_step'].items()) + '.', '']
   return '\n'.join(lines)
 
 

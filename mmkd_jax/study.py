@@ -1,12 +1,14 @@
 """The study: student modality x width x distillation level(s) x method, over seeds, in one command.
 
 `python -m mmkd_jax.study --config=configs/study.py --workdir=/tmp/mmkd_study` runs the grid
-of `config.study` (see configs/study.py) with `train.train_run` for every run:
+of `config.study` (see configs/study.py) with the main job's pieces (multi-host start-up,
+`train.load_data`, `train.train_run` for the teacher and `train.train_arm` for each arm, whose
+seeds train as one population):
 
   1. the teacher (one per teacher config), in `config.distill.teacher_dir` or `<workdir>/teacher`,
      evaluated on the test split as is and with each of its modalities removed;
-  2. per student (modality, width) and seed, the baseline (task loss only);
-  3. per cell (student, levels, method) and seed, the distilled student, one term of weight 1
+  2. per student (modality, width), the baseline arm (task loss only) in `baselines/<student>`;
+  3. per cell (student, levels, method), the distilled arm in `runs/<cell>`, one term of weight 1
      per level, all with the same method; the best seed (by validation) is exported with
      `jax.export` for deployment.
 
@@ -30,7 +32,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from mmkd_jax import checkpoint, cli, data, distill, evaluate, export, plugins, reference, runtime, stats, train, validation
+from mmkd_jax import (checkpoint, cli, console, data, distill, evaluate, export, loop, plugins, reference, runtime,
+                      stats, step, train, validation)
 from mmkd_jax.data import pipeline
 from mmkd_jax.errors import ConfigError
 from mmkd_jax.registry import Registry
@@ -212,7 +215,7 @@ def remove_modality(batch: dict[str, np.ndarray], modality: str) -> dict[str, np
           f'{modality}_mask': np.zeros_like(batch[f'{modality}_mask'])}
 
 
-def evaluate_without(result: train.RunResult, builder: Any, info: data.TaskInfo,
+def evaluate_without(result: loop.RunResult, builder: Any, info: data.TaskInfo,
                      config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
   """Test metrics of the teacher `result` with each of its modalities missing at inference."""
   model = result.model
@@ -244,7 +247,8 @@ def _fingerprints(config: ml_collections.ConfigDict, role: str, seeds: tuple[int
 def _finished(path: str, fingerprints: dict[str, dict], overwrite: bool) -> dict | None:
   """The result stored at `path` if it comes from exactly these runs, else None (to be computed).
 
-  Other seeds (an extended grid) are recomputed: finished runs restore from their checkpoints.
+  Other seeds (an extended grid) are recomputed, as a new population: the arm's run directory
+  refuses them unless config.overwrite.
   A result of another config is refused, as `train.train_run` refuses a run directory of one.
   """
   stored = checkpoint.read_json(path)
@@ -258,16 +262,12 @@ def _finished(path: str, fingerprints: dict[str, dict], overwrite: bool) -> dict
   return None if difference else stored
 
 
-def _train_seeds(config: ml_collections.ConfigDict, run_dir: str, seeds: tuple[int, ...], builder: Any,
-                 info: data.TaskInfo, **distillation) -> list[train.RunResult]:
-  return [train.train_run(config, 'student', os.path.join(run_dir, f'seed_{seed}'), seed, builder, info,
-                          **distillation) for seed in seeds]
-
-
-def _summary(runs: list[train.RunResult], fingerprints: dict[str, dict], start: float, **fields) -> dict:
-  """What a stored result holds: per-seed test and validation metrics, params, time, provenance."""
+def _summary(runs: list[loop.RunResult], fingerprints: dict[str, dict], start: float, **fields) -> dict:
+  """What a stored result holds: per-seed test and validation metrics and the step a non-finite one
+  stopped each seed at (None: never), params, time, provenance."""
   return {**fields, 'seeds': [int(s) for s in fingerprints], 'test': [r.test for r in runs],
-          'validation': [r.validation for r in runs], 'params': runs[0].num_params,
+          'validation': [r.validation for r in runs], 'stopped_at': [r.stopped_at for r in runs],
+          'params': runs[0].num_params,
           'seconds': time.perf_counter() - start, 'fingerprints': fingerprints}
 
 
@@ -278,10 +278,12 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       'one); run a single job with `python -m mmkd_jax.main --config=...`')
   plugins.load(config.plugins)  # before the data and the grid name what they register
   workdir = validation.workdir_path(workdir)
-  builder = data.load_builder(config.data)
-  info = data.task_info(builder)
-  grid = plan(config, info)  # checks every cell's config, config.host included
+  validation.check_config(run_config(config, config.student.modality, config.student.width))  # config.host too
   runtime.configure_host(config)
+  runtime.initialize_distributed(config)
+  builder = train.load_data(config)
+  info = data.task_info(builder)
+  grid = plan(config, info)  # checks every cell's config
   if config.distill.teacher_dir:
     train.check_teacher_dir(config, config.distill.teacher_dir)
   teacher_dir = config.distill.teacher_dir or os.path.join(workdir, 'teacher')
@@ -303,11 +305,13 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
                len(students_todo), 'the teacher' if teacher_todo else 'no teacher')
 
   @functools.cache
-  def teacher() -> train.RunResult:
+  def teacher() -> loop.RunResult:
     return train.train_run(config, 'teacher', teacher_dir, config.seed, builder, info,
                            restore_only=bool(config.distill.teacher_dir))
 
+  progress = console.Progress(len(teacher_todo) + len(students_todo) + len(cells_todo), 'part', 'study')
   if teacher_todo:
+    progress.next('the teacher')
     start = time.perf_counter()
     result = teacher()
     checkpoint.write_json(result_path(workdir, 'teacher'), {
@@ -317,19 +321,21 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'missing': evaluate_without(result, builder, info, config)})
 
   for student in students_todo:
+    progress.next(f'baseline {student_id(*student)} ({len(grid.seeds)} seeds)')
     start = time.perf_counter()
     student_config = run_config(config, *student)
-    runs = _train_seeds(student_config, os.path.join(workdir, 'baselines', student_id(*student)), grid.seeds,
-                        builder, info)
+    runs = train.train_arm(student_config, os.path.join(workdir, 'baselines', student_id(*student)), grid.seeds,
+                           builder, info)
     checkpoint.write_json(result_path(workdir, student), {
         **_summary(runs, prints[student], start, id=student_id(*student), modality=student[0], width=student[1]),
         'latency_ms': 1e3 * train.latency(runs[0].model, runs[0].params, info, student_config)})
 
-  for cell in cells_todo:
+  for done, cell in enumerate(cells_todo, len(grid.cells) - len(cells_todo)):
+    progress.next(f'cell {cell.id} ({done}/{len(grid.cells)} cells done)')
     start = time.perf_counter()
-    runs = _train_seeds(run_config(config, cell.modality, cell.width, cell.terms),
-                        os.path.join(workdir, 'runs', cell.id), grid.seeds, builder, info,
-                        teacher=(teacher().model, teacher().params['model']), terms=distill.parse_terms(cell.terms))
+    runs = train.train_arm(run_config(config, cell.modality, cell.width, cell.terms),
+                           os.path.join(workdir, 'runs', cell.id), grid.seeds, builder, info,
+                           (teacher().model, teacher().params['model']), distill.parse_terms(cell.terms))
     best = max(range(len(runs)), key=lambda i: evaluate.score(info.task, runs[i].validation))
     export_path = os.path.join('export', f'{cell.id}.npz')
     os.makedirs(os.path.join(workdir, 'export'), exist_ok=True)
@@ -432,7 +438,7 @@ def collect(config: ml_collections.ConfigDict, info: data.TaskInfo, grid: Plan, 
 def exported_latency(path: str, info: data.TaskInfo, config: ml_collections.ConfigDict) -> float:
   """Median seconds of one call of the exported student at `path`, as `train.latency` measures."""
   student = export.load_exported(path)
-  batch = train.dummy_batch(info, [student.modality], config.report.latency_batch_size)
+  batch = step.dummy_batch(info, [student.modality], config.report.latency_batch_size)
   return evaluate.measure_latency(lambda _, b: student(b), None, batch, config.report.latency_repeats)
 
 

@@ -90,11 +90,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                'student.width', 'student.num_heads', 'student.num_layers', 'student.mlp_ratio',
                'train.batch_size', 'train.eval_batch_size', 'train.num_steps', 'train.learning_rate',
                'train.log_every', 'train.eval_every', 'report.latency_batch_size', 'report.latency_repeats',
-               'mesh.model'):
+               'mesh.model', 'train.steps_per_call'):
     _positive(config, path)
   for path in ('teacher.num_self_layers', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip',
                'teacher.dropout_rate', 'student.dropout_rate', 'distill.task_weight', 'distill.cache_teacher_max_gb',
-               'host.cpu_devices'):
+               'host.cpu_devices', 'train.device_data_max_mb'):
     _positive(config, path, allow_zero=True)
   for role in ('teacher', 'student'):
     if not config[role].dropout_rate < 1:

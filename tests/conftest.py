@@ -93,21 +93,16 @@ def write_tiny_config(directory, job: str = 'student', num_steps: int = 6, eval_
   return str(path)
 
 
-class PoisonedIterator:
-  """Wraps a training iterator and puts a NaN into the features of modality m0 of batch `bad_batch`."""
+def poison_batches(step: int, member: int = 0) -> None:
+  """Makes `loop.TrainBatches` put a NaN into the features of modality m0 of `member`'s batch of `step`."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmkd_jax import loop  # pylint: disable=g-import-not-at-top
+  fetch = loop.TrainBatches.fetch
 
-  def __init__(self, iterator, bad_batch: int):
-    self.iterator, self.bad_batch, self.count = iterator, bad_batch, 0
+  def poisoned(self, first_step, count):
+    batches = fetch(self, first_step, count)
+    if first_step <= step < first_step + count:
+      batches['m0'] = batches['m0'].at[step - first_step, member, 0, 0, 0].set(jnp.nan)
+    return batches
 
-  def __next__(self):
-    batch = next(self.iterator)
-    self.count += 1
-    if self.count == self.bad_batch:
-      batch['m0'][0, 0, 0] = float('nan')
-    return batch
-
-  def get_state(self):
-    return self.iterator.get_state()
-
-  def set_state(self, state):
-    self.iterator.set_state(state)
+  loop.TrainBatches.fetch = poisoned

@@ -2,12 +2,11 @@
 metrics merged into another cell's run)."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmkd_jax import data, distill, train
+from mmkd_jax import data, distill, step, train
 
 
 def test_merging_keeps_each_runs_metric_names_over_many_metric_sets():
@@ -18,9 +17,9 @@ def test_merging_keeps_each_runs_metric_names_over_many_metric_sets():
   """
   for i in range(300):
     values = {'loss': jnp.float32(i), f'distill_level{i}_method': jnp.float32(2.0)}
-    merged = train.merge_metrics(train.step_metrics(values), train.step_metrics(values))
+    merged = step.merge_metrics(step.step_metrics(values), step.step_metrics(values))
     assert sorted(merged) == sorted(values), i
-    assert train.compute_metrics(merged) == {'loss': float(i), f'distill_level{i}_method': 2.0}
+    assert step.compute_metrics(merged) == {'loss': float(i), f'distill_level{i}_method': 2.0}
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import textwrap
 import jax.numpy as jnp
 import pytest
 
-from mmkd_jax import data, plugins, train
+from mmkd_jax import data, plugins, step, train
 from mmkd_jax.distill import LEVELS, Pair, parse_terms
 from mmkd_jax.distill.methods import describe_method
 from mmkd_jax.errors import ConfigError
@@ -82,7 +82,7 @@ def test_a_plugin_method_trains_in_the_main_job_and_the_study_with_an_overridden
                 '--config.distill.terms=hidden:scaled_mse:1.0', '--config.distill.hparams.scaled_mse.scale=2.5')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'hidden:scaled_mse:1.0' in (work / 'report.md').read_text()
-  stored = json.loads((work / 'distilled' / 'seed_0' / 'run.json').read_text())
+  stored = json.loads((work / 'distilled' / 'run.json').read_text())
   assert stored['distill']['hparams'] == {'scaled_mse': {'scale': 2.5}}
   rows = [json.loads(line) for line in (work / 'distilled' / 'seed_0' / 'metrics.jsonl').read_text().splitlines()]
   assert any('distill_hidden_scaled_mse' in row for row in rows)
@@ -213,7 +213,7 @@ def test_the_teacher_cache_is_used_only_where_every_level_declares_it(tiny_confi
   tiny_config.job = 'teacher'
   teacher = train.train_run(tiny_config, 'teacher', str(tmp_path / 'teacher'), 0, builder, info)
   calls = []
-  monkeypatch.setattr(train, 'teacher_targets', lambda *args, **kwargs: calls.append(1))
+  monkeypatch.setattr(step, 'teacher_targets', lambda *args, **kwargs: calls.append(1))
   tiny_config.job, tiny_config.train.num_steps, tiny_config.train.warmup_steps = 'distill', 2, 1
   for terms, cached in (('hidden:mse:1.0,zz_batch_pooled:mse:1.0', False), ('hidden:mse:1.0', True)):
     calls.clear()

@@ -1,5 +1,7 @@
-"""Data parallelism: the same seed gives the same loss curves on 1, 2 and 8 (forced host) devices,
-the batch really is sharded, and a two-process run on localhost agrees with one process.
+"""Data parallelism: the same seeds give the same loss curves on 1, 2 and 8 (forced host) devices,
+the batch really is sharded, and a two-process run on localhost agrees with one process. The
+student arms are populations of two seeds: on 8 devices (and over two processes) their members
+spread over the mesh's 'member' axis.
 
 Each device count needs a fresh process (XLA_FLAGS is read once), so the jobs run as subprocesses.
 """
@@ -22,10 +24,10 @@ CHECK_SHARDING = '''
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from configs import default
-from mmkd_jax import train
-mesh = train.create_mesh(default.get_config())
+from mmkd_jax import step
+mesh = step.create_mesh(default.get_config())
 batch = {'m0': np.arange(16 * 3, dtype=np.float32).reshape(16, 3)}
-x = train.shard_local_batch(batch, NamedSharding(mesh, PartitionSpec('data')))['m0']
+x = step.shard_local_batch(batch, NamedSharding(mesh, PartitionSpec('data')))['m0']
 print(jax.device_count(), x.sharding.spec, sorted({s.data.shape for s in x.addressable_shards}),
       bool(np.array_equal(np.asarray(x), batch['m0'])))
 '''
@@ -34,7 +36,7 @@ print(jax.device_count(), x.sharding.spec, sorted({s.data.shape for s in x.addre
 CHECK_ONE_ALLREDUCE = '''
 import jax, jax.numpy as jnp, ml_collections, numpy as np
 from jax.sharding import Mesh
-from mmkd_jax import train
+from mmkd_jax import step
 from mmkd_jax.models import Student
 model = Student(modality='a', num_outputs=3, width=8, num_heads=2, num_layers=2, mlp_ratio=2, dropout_rate=0.5)
 rng = np.random.default_rng(0)
@@ -42,15 +44,15 @@ batch = {'a': rng.normal(size=(8, 5, 3)).astype(np.float32), 'a_mask': np.arange
 params = model.init(jax.random.key(0), batch)['params']
 loss = lambda apply: lambda p: jnp.sum(apply(p, batch, train=True, rngs={'dropout': jax.random.key(1)})[0] ** 2)
 plain = jax.grad(loss(lambda p, b, **kw: model.apply({'params': p}, b, **kw)))
-parallel = jax.jit(jax.grad(loss(train.data_parallel_apply(model, Mesh(np.array(jax.devices()), ('data',))))))
+parallel = jax.jit(jax.grad(loss(step.data_parallel_apply(model, Mesh(np.array(jax.devices()), ('data',))))))
 hlo = parallel.lower(params).compile().as_text()
 reduces = [line.split('=')[1].split('all-reduce(')[0].strip() for line in hlo.splitlines() if ' all-reduce(' in line]
 size = sum(x.size for x in jax.tree.leaves(params))
 expected = jax.tree.leaves(plain(params))
 error = lambda g: max(float(np.max(np.abs(a - b))) for a, b in zip(expected, jax.tree.leaves(g)))
 # a ('data', 'model') mesh with 2 devices on the reserved model axis: the same gradient, not twice it
-mesh_2x2 = train.create_mesh(ml_collections.ConfigDict({'mesh': {'model': 2}}))
-errors = (error(parallel(params)), error(jax.jit(jax.grad(loss(train.data_parallel_apply(model, mesh_2x2))))(params)))
+mesh_2x2 = step.create_mesh(ml_collections.ConfigDict({'mesh': {'model': 2}}))
+errors = (error(parallel(params)), error(jax.jit(jax.grad(loss(step.data_parallel_apply(model, mesh_2x2))))(params)))
 print(jax.device_count(), reduces == [f'f32[{size}]{{0}}'], errors[0] < 1e-4, errors[1] < 1e-4, reduces, errors)
 '''
 
@@ -67,7 +69,7 @@ replicated = NamedSharding(Mesh(np.array(jax.devices()), ('data',)), PartitionSp
 state = {f'w{i}': jax.device_put(np.arange(8 * (i + 1), dtype=np.float32).reshape(8, i + 1), replicated)
          for i in range(6)}
 manager = checkpoint.create_manager(sys.argv[1])
-checkpoint.save(manager, 1, state, {'epoch': 0}, {checkpoint.SCORE: 0.0})
+checkpoint.save(manager, 1, state, {'epoch': 0})
 manager.wait_until_finished()
 restored, data_state = checkpoint.restore(manager, 1, state)
 equal = all(np.array_equal(np.asarray(restored[k]), np.asarray(v)) for k, v in state.items())
@@ -140,14 +142,14 @@ def distill_runs(tmp_path_factory):
   for devices in (1, 2, 8):  # each job prepares the (same, seeded) data in its own dir: they run at once
     (tmp_path / f'config_{devices}').mkdir()
     config = write_tiny_config(tmp_path / f'config_{devices}', 'distill', num_steps=8, eval_every=4, log_every=1)
-    runs.append(([sys.executable, '-m', 'mmkd_jax.main', f'--config={config}',
+    runs.append(([sys.executable, '-m', 'mmkd_jax.main', f'--config={config}', '--config.report.seeds=0,1',
                   f'--workdir={tmp_path / str(devices)}'], devices))
   _run_all(runs, timeout=600)
   return tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('run', ['teacher', 'distilled/seed_0'])
+@pytest.mark.parametrize('run', ['teacher', 'student/seed_1', 'distilled/seed_0', 'distilled/seed_1'])
 @pytest.mark.parametrize('devices', [2, 8])
 def test_same_loss_curve_on_any_device_count(distill_runs, run, devices):
   reference = _losses(str(distill_runs / '1' / run))
@@ -170,10 +172,11 @@ def test_two_process_run_agrees_with_one_process(tmp_path, distill_runs):
   workdir = tmp_path / 'multihost'
   port = _free_port()
   _run_all([([sys.executable, '-m', 'mmkd_jax.main', f'--config={config}', f'--workdir={workdir}',
+              '--config.report.seeds=0,1',
               f"--config.distill.teacher_dir={distill_runs / '1' / 'teacher'}",
               f'--config.distributed.coordinator_address=127.0.0.1:{port}',
               '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'], 1)
             for i in range(2)], timeout=300)
-  for run in ('student/seed_0', 'distilled/seed_0'):
+  for run in ('student/seed_0', 'distilled/seed_0', 'distilled/seed_1'):
     np.testing.assert_allclose(_losses(str(workdir / run)), _losses(str(distill_runs / '1' / run)),
                                rtol=2e-4, atol=1e-5, err_msg=run)

@@ -16,7 +16,7 @@ from mmkd_jax.errors import ConfigError
 from mmkd_jax.models import Student
 
 METRICS = ('accuracy', 'macro_f1')
-TRAIN_RUN = train.train_run
+TRAINERS = {'train_run': train.train_run, 'train_arm': train.train_arm}
 
 
 class Interrupted(Exception):
@@ -36,16 +36,18 @@ def config(tiny_config):
   return tiny_config
 
 
-def _recording(calls: list, workdir: str, interrupt_at: str | None = None):
-  """A train.train_run that records the run directories it is asked for (and can fail at one)."""
+def _record(monkeypatch, calls: list, workdir: str, interrupt_at: str | None = None) -> None:
+  """Makes train.train_run and train.train_arm record the run directories they are asked for (and
+  fail at one)."""
+  for name, trainer in TRAINERS.items():
 
-  def train_run(config, role, run_dir, *args, **kwargs):
-    name = os.path.relpath(run_dir, workdir)
-    if name == interrupt_at:
-      raise Interrupted(name)
-    calls.append(name)
-    return TRAIN_RUN(config, role, run_dir, *args, **kwargs)
-  return train_run
+    def recording(config, *args, trainer=trainer, **kwargs):
+      run_dir = args[1] if trainer is TRAINERS['train_run'] else args[0]
+      if os.path.relpath(run_dir, workdir) == interrupt_at:
+        raise Interrupted(interrupt_at)
+      calls.append(os.path.relpath(run_dir, workdir))
+      return trainer(config, *args, **kwargs)
+    monkeypatch.setattr(train, name, recording)
 
 
 def _check_tables(workdir: str) -> None:
@@ -115,18 +117,18 @@ def test_table_cells_carry_the_paired_gain_and_its_interval(tmp_path):
 def test_grid_resumes_after_interruption_and_writes_tables(config, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'study')
   calls = []
-  monkeypatch.setattr(train, 'train_run', _recording(calls, workdir, interrupt_at='runs/m0-w8-logits-mse/seed_0'))
+  _record(monkeypatch, calls, workdir, interrupt_at='runs/m0-w8-logits-mse')
   with pytest.raises(Interrupted):
     study.run_study(config, workdir)
-  assert calls == ['teacher', 'baselines/m0-w8/seed_0', 'runs/m0-w8-logits-kl/seed_0']
+  assert calls == ['teacher', 'baselines/m0-w8', 'runs/m0-w8-logits-kl']
   assert os.listdir(os.path.join(workdir, 'cells')) == ['m0-w8-logits-kl.json']
   finished = open(os.path.join(workdir, 'cells', 'm0-w8-logits-kl.json')).read()
 
   calls.clear()
-  monkeypatch.setattr(train, 'train_run', _recording(calls, workdir))
+  _record(monkeypatch, calls, workdir)
   results = study.run_study(config, workdir)
   # The teacher is restored (not retrained) for the two remaining cells; nothing finished runs again.
-  assert calls == ['teacher', 'runs/m0-w8-logits-mse/seed_0', 'runs/m0-w8-hidden-mse/seed_0']
+  assert calls == ['teacher', 'runs/m0-w8-logits-mse', 'runs/m0-w8-hidden-mse']
   assert open(os.path.join(workdir, 'cells', 'm0-w8-logits-kl.json')).read() == finished
   assert results['best'] in {'m0-w8-logits-kl', 'm0-w8-logits-mse', 'm0-w8-hidden-mse'}
   assert results['export']['latency_ms'] > 0

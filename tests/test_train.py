@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from mmkd_jax import checkpoint, data, distill, evaluate, train
+from mmkd_jax import checkpoint, data, distill, evaluate, loop, step, train, writer
 from mmkd_jax.data import pipeline
 from mmkd_jax.errors import ConfigError
-from tests.conftest import PoisonedIterator
+from tests import conftest
 
 
 def _saved_state(run_dir: str, step: int | None = None) -> dict:
@@ -21,24 +21,32 @@ def _saved_state(run_dir: str, step: int | None = None) -> dict:
   return checkpoint.read_state(manager, step)
 
 
-def _outputs_of_checkpoint(config, run_dir: str, role: str, split: str, step: int | None = None):
-  """(outputs, labels) on `split` of the `role` model saved in `run_dir` at `step` (the best by
-  default), computed here apart from the training code's evaluation."""
-  builder = data.load_builder(config.data)
-  model = train.create_model(config, data.task_info(builder), role)
+def _saved_data(run_dir: str) -> dict:
+  """The JSON item of a run directory's (latest) checkpoint: each member's best step and metrics."""
   manager = checkpoint.create_manager(os.path.join(run_dir, 'checkpoints'))
-  params = _saved_state(run_dir, manager.best_step() if step is None else step)['params']['model']
+  return manager.restore(manager.latest_step(), args=checkpoint.ocp.args.Composite(
+      data=checkpoint.ocp.args.JsonRestore()))['data']
+
+
+def _outputs_of_checkpoint(config, run_dir: str, role: str, split: str, which: str = 'best', member: int = 0):
+  """(outputs, labels) on `split` of population member `member`'s `role` model saved in `run_dir`:
+  its best parameters, or with which='train' those of the latest step; computed here apart from
+  the training code's evaluation."""
+  builder = data.load_builder(config.data)
+  model = step.create_model(config, data.task_info(builder), role)
+  saved = _saved_state(run_dir)
+  params = jax.tree.map(lambda x: x[member], saved['best'] if which == 'best' else saved['train']['params'])['model']
   apply = jax.jit(lambda p, b: model.apply({'params': p}, b)[0])
   outputs, labels = [], []
-  for batch in pipeline.eval_batches(builder, split, train.batch_modalities(model), config.train.eval_batch_size):
+  for batch in pipeline.eval_batches(builder, split, step.batch_modalities(model), config.train.eval_batch_size):
     real = batch['weight'] > 0
     outputs.append(np.asarray(apply(params, batch))[real])
     labels.append(batch['label'][real])
   return np.concatenate(outputs), np.concatenate(labels)
 
 
-def _accuracy_of_checkpoint(config, run_dir: str, role: str, split: str = 'test', step: int | None = None) -> float:
-  outputs, labels = _outputs_of_checkpoint(config, run_dir, role, split, step)
+def _accuracy_of_checkpoint(config, run_dir: str, role: str, split: str = 'test', member: int = 0) -> float:
+  outputs, labels = _outputs_of_checkpoint(config, run_dir, role, split, member=member)
   return float(np.mean(outputs.argmax(-1) == labels))
 
 
@@ -64,7 +72,7 @@ def test_distill_job_trains_checkpoints_and_reports(tiny_config, tmp_path):
   results = train.train_and_evaluate(tiny_config, workdir)
   for arm in ('student', 'distilled'):  # one seed: the mean is that run's best checkpoint's test accuracy
     assert results[arm]['mean']['accuracy'] == _accuracy_of_checkpoint(
-        tiny_config, os.path.join(workdir, arm, 'seed_0'), 'student')
+        tiny_config, os.path.join(workdir, arm), 'student')
   assert results['teacher']['params'] > results['student']['params']
   with open(os.path.join(workdir, 'report.json')) as f:
     stored = json.load(f)
@@ -77,40 +85,48 @@ def test_distill_job_trains_checkpoints_and_reports(tiny_config, tmp_path):
   assert '| distilled student (m0) |' in report and '| teacher (m0 + m1) |' in report
   assert '| multinomial logistic regression (m0 + m1) |' in report
   # Each run directory keeps its checkpoints (latest + best) and TensorBoard events.
-  run_dir = os.path.join(workdir, 'distilled', 'seed_0')
+  run_dir = os.path.join(workdir, 'distilled')
   assert os.listdir(os.path.join(run_dir, 'checkpoints'))
-  assert any(name.startswith('events.out.tfevents') for name in os.listdir(run_dir))
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(os.path.join(run_dir, 'seed_0')))
   # The distilled student's checkpoint holds the student and its projector, never the teacher.
-  saved = _saved_state(run_dir)
+  saved = _saved_state(run_dir)['train']
   assert set(saved['params']) == {'model', 'projector'}
   assert not any('cross' in k for k in saved['params']['model'])
 
 
 def test_teacher_keeps_the_best_checkpoint_and_a_finished_run_is_not_retrained(tiny_config, tmp_path, monkeypatch):
-  """Validation scores scripted so that the best step (3) is not the latest (6): both checkpoints are
-  kept, the results are the best step's, and a second call restores them without training."""
-  scripted = iter([0.9, 0.1])  # the scores of the evaluations at steps 3 and 6
-  monkeypatch.setattr(evaluate, 'score', lambda task, values: next(scripted))
+  """Validation scores scripted so that the best step (3) is not the latest (6): the checkpoint of
+  step 6 holds step 3's parameters as the best, the results are theirs, and a second call restores
+  them without training."""
+  validated = {}  # step -> the validation metrics written at it
+  write_validation = writer.MetricWriter.write_validation
+  def recording(self, step_now, values):
+    validated[step_now] = values
+    write_validation(self, step_now, values)
+  monkeypatch.setattr(writer.MetricWriter, 'write_validation', recording)
+  monkeypatch.setattr(evaluate, 'score', lambda task, values: 0.9 if values is validated.get(3) else 0.1)
   tiny_config.job = 'teacher'
   workdir = str(tmp_path / 'teacher')
   first = train.train_and_evaluate(tiny_config, workdir)
   manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'))
-  assert manager.all_steps() == [3, 6] and manager.latest_step() == 6 and manager.best_step() == 3
-  assert first['validation']['score'] == 0.9
-  outputs, labels = _outputs_of_checkpoint(tiny_config, workdir, 'teacher', 'test', step=3)
+  assert manager.all_steps() == [6]  # the latest only: the best parameters are inside it
+  saved = _saved_data(workdir)
+  assert saved['best_step'] == [3] and saved['best_validation'] == [validated[3]]
+  assert first['validation'] == validated[3]
+  outputs, labels = _outputs_of_checkpoint(tiny_config, workdir, 'teacher', 'test')
   assert first['test'] == evaluate.compute_metrics('classification', outputs, labels)
-  later, _ = _outputs_of_checkpoint(tiny_config, workdir, 'teacher', 'test', step=6)
-  assert not np.allclose(later, outputs)  # the two checkpoints are different models
+  later, _ = _outputs_of_checkpoint(tiny_config, workdir, 'teacher', 'test', which='train')
+  assert not np.allclose(later, outputs)  # step 6's parameters are another model
   events = [n for n in os.listdir(workdir) if n.startswith('events')]
   assert len(events) == 1
   logged = _logged_scalars(os.path.join(workdir, events[0]))
   assert sorted({step for tag, step in logged if tag.startswith('train/')}) == [3, 6]
-  assert sorted(step for tag, step in logged if tag == 'validation/score') == [3, 6]
+  assert sorted(step for tag, step in logged if tag == 'validation/accuracy') == [3, 6]
   before = {name: open(os.path.join(workdir, name), 'rb').read() for name in (events[0], 'metrics.jsonl')}
 
-  second = train.train_and_evaluate(tiny_config, workdir)  # restores the best checkpoint, trains nothing
+  second = train.train_and_evaluate(tiny_config, workdir)  # restores the best parameters, trains nothing
   assert second['test'] == first['test'] and second['validation'] == first['validation']
-  assert manager.all_steps() == [3, 6]
+  assert manager.all_steps() == [6]
   assert {name: open(os.path.join(workdir, name), 'rb').read() for name in before} == before
   for name in os.listdir(workdir):
     if name.startswith('events'):
@@ -121,7 +137,7 @@ def test_single_run_job_claims_its_workdir_before_writing_config_json(tiny_confi
   """A teacher or student job's workdir is its run directory. Holding a run of another config, it is
   refused untouched; with config.overwrite that run is replaced and the new config.json stays."""
   workdir = tmp_path / 'work'
-  checkpoint.claim_run_dir(str(workdir), {'role': 'student', 'seed': 7}, overwrite=False)
+  checkpoint.claim_run_dir(str(workdir), {'role': 'student', 'seeds': [7], 'layout': train.LAYOUT}, overwrite=False)
   (workdir / 'config.json').write_text('{"old": true}')
   tiny_config.job = 'student'
   tiny_config.train.num_steps, tiny_config.train.warmup_steps = 2, 1
@@ -131,8 +147,8 @@ def test_single_run_job_claims_its_workdir_before_writing_config_json(tiny_confi
   tiny_config.overwrite = True
   train.train_and_evaluate(tiny_config, str(workdir))
   assert json.loads((workdir / 'config.json').read_text()) == json.loads(tiny_config.to_json_best_effort())
-  assert checkpoint.read_fingerprint(str(workdir))['seed'] == tiny_config.seed
-  assert _saved_state(str(workdir))['step'] == 2
+  assert checkpoint.read_fingerprint(str(workdir))['seeds'] == [tiny_config.seed]
+  assert _saved_state(str(workdir))['train']['step'].tolist() == [2]
 
 
 def test_the_layer_kernels_reach_the_models_and_stay_out_of_the_run_fingerprint(tiny_config):
@@ -142,7 +158,7 @@ def test_the_layer_kernels_reach_the_models_and_stay_out_of_the_run_fingerprint(
   fingerprints = []
   for kernels in ('cpu', 'flax'):
     tiny_config.train.kernels = kernels
-    assert {train.create_model(tiny_config, info, role).kernels for role in ('teacher', 'student')} == {kernels}
+    assert {step.create_model(tiny_config, info, role).kernels for role in ('teacher', 'student')} == {kernels}
     fingerprints.append(train.run_fingerprint(tiny_config, 'student', 0, distilled=False))
   assert fingerprints[0] == fingerprints[1]
 
@@ -154,18 +170,17 @@ def test_background_checkpoint_holds_the_state_of_its_step_while_training_donate
   state = {'w': jax.numpy.arange(4096.0).reshape(64, 64), 'b': jax.numpy.ones(64)}
   manager = checkpoint.create_manager(str(tmp_path / 'checkpoints'))
   expected = {}
-  for step in (1, 2):
+  for at in (1, 2):
     state = update(state)
-    expected[step] = jax.tree.map(np.array, state)
-    checkpoint.save(manager, step, state, {'next_step': step}, {checkpoint.SCORE: float(3 - step)})  # 1: best, 2: latest
+    expected[at] = jax.tree.map(np.array, state)
+    checkpoint.save(manager, at, state, {'next_step': at})
     for _ in range(5):
       state = update(state)
-  manager.wait_until_finished()
-  for step in (1, 2):
-    restored, data_state = checkpoint.restore(manager, step, jax.tree.map(np.zeros_like, expected[step]))
-    assert data_state == {'next_step': step}
+    manager.wait_until_finished()
+    restored, data_state = checkpoint.restore(manager, at, jax.tree.map(np.zeros_like, expected[at]))
+    assert data_state == {'next_step': at}
     for key in ('w', 'b'):
-      np.testing.assert_array_equal(np.asarray(restored[key]), expected[step][key])
+      np.testing.assert_array_equal(np.asarray(restored[key]), expected[at][key])
   manager.close()
 
 
@@ -196,13 +211,13 @@ def test_bfloat16_compute_trains_with_finite_float32_losses(tiny_config, tmp_pat
     losses = [json.loads(line)['loss'] for line in f]
   assert len(losses) == 2 and all(np.isfinite(losses))
   # Parameters stay float32 whatever the compute dtype.
-  saved = _saved_state(str(tmp_path / 'work'))
+  saved = _saved_state(str(tmp_path / 'work'))['train']
   assert {x.dtype for x in jax.tree.leaves(saved['params'])} == {np.dtype('float32')}
 
 
 def test_skip_nonfinite_skips_the_bad_step_counts_it_and_finishes(tiny_config, tmp_path, monkeypatch):
-  original = pipeline.train_iterator
-  monkeypatch.setattr(pipeline, 'train_iterator', lambda *a, **k: PoisonedIterator(original(*a, **k), bad_batch=2))
+  monkeypatch.setattr(loop.TrainBatches, 'fetch', loop.TrainBatches.fetch)  # undone after the test
+  conftest.poison_batches(step=2)
   tiny_config.job = 'teacher'
   tiny_config.train.skip_nonfinite = True
   train.train_and_evaluate(tiny_config, str(tmp_path / 'work'))
@@ -210,8 +225,8 @@ def test_skip_nonfinite_skips_the_bad_step_counts_it_and_finishes(tiny_config, t
     logged = [json.loads(line) for line in f]
   assert [r['skipped_steps'] for r in logged] == [1, 1]
   assert all(np.isfinite(r['loss']) for r in logged)
-  saved = _saved_state(str(tmp_path / 'work'))
-  assert int(saved['step']) == tiny_config.train.num_steps
+  saved = _saved_state(str(tmp_path / 'work'))['train']
+  assert int(saved['step'][0]) == tiny_config.train.num_steps
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved['params']))
 
 
@@ -239,10 +254,10 @@ def _distillation_setup(config):
   config.distill.terms = ALL_LEVELS
   builder = data.load_builder(config.data)
   info = data.task_info(builder)
-  teacher, student = train.create_model(config, info, 'teacher'), train.create_model(config, info, 'student')
+  teacher, student = step.create_model(config, info, 'teacher'), step.create_model(config, info, 'student')
   modalities = list(teacher.modalities)
-  teacher_params = teacher.init(jax.random.key(5), train.dummy_batch(info, modalities))['params']
-  state, dist = train.create_train_state(config, student, info, modalities, tuple(jax.random.split(jax.random.key(1))),
+  teacher_params = teacher.init(jax.random.key(5), step.dummy_batch(info, modalities))['params']
+  state, dist = step.create_train_state(config, student, info, modalities, tuple(jax.random.split(jax.random.key(1))),
                                          (teacher, teacher_params), distill.parse_terms(config.distill.terms))
   return builder, info, student, teacher, teacher_params, state, dist
 
@@ -251,17 +266,17 @@ def test_cached_teacher_targets_are_the_teacher_sides_of_each_drawn_example(tiny
   """Read back by row from the cache, every pair of a shuffled batch is the pair the teacher gives online."""
   builder, info, student, teacher, teacher_params, state, dist = _distillation_setup(tiny_config)
   n = pipeline.num_examples(builder, 'train')
-  cached_dist, fields = train.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info, 24,
-                                              train.create_mesh(tiny_config), 1.0)
+  cached_dist, fields = step.teacher_targets(student, dist, state.params['model'], teacher_params, builder, info, 24,
+                                              step.create_mesh(tiny_config), 1.0)
   assert set(fields) == {'teacher/logits/logits', 'teacher/pooled/pooled', 'teacher/hidden/hidden_0_0',
                          'teacher/attention/attention_0_0'}
   assert all(len(v) == n for v in fields.values())
   batch = next(pipeline.train_iterator(builder, ['m0', 'm1'], 16, seed=4, row_fields={'row': np.arange(n)}))
   rows = batch.pop('row')
   taps_of_student = student.apply({'params': state.params['model']}, batch)[1]
-  online = train.distillation_pairs(student, dist, taps_of_student, teacher_params, batch)
+  online = step.distillation_pairs(student, dist, taps_of_student, teacher_params, batch)
   student_only = {k: v for k, v in batch.items() if not k.startswith('m1')}
-  cached = train.distillation_pairs(student, cached_dist, taps_of_student, None,
+  cached = step.distillation_pairs(student, cached_dist, taps_of_student, None,
                                     {**student_only, **{k: v[rows] for k, v in fields.items()}})
   for level, named in online.items():
     for name, pair in named.items():
@@ -304,11 +319,11 @@ def test_runs_of_other_seeds_reuse_the_traced_train_step(tiny_config, tmp_path):
   builder = data.load_builder(tiny_config.data)
   info = data.task_info(builder)
   tiny_config.train.num_steps = 2
-  before = train.train_step._cache_size()
+  before = loop.train_steps._cache_size()
   first = train.train_run(tiny_config, 'student', str(tmp_path / 'seed_0'), 0, builder, info)
-  after_first = train.train_step._cache_size()
+  after_first = loop.train_steps._cache_size()
   second = train.train_run(tiny_config, 'student', str(tmp_path / 'seed_1'), 1, builder, info)
-  assert after_first - before <= 1 and train.train_step._cache_size() == after_first
+  assert after_first - before <= 1 and loop.train_steps._cache_size() == after_first
   # Two real runs: other seeds, other parameters.
   assert not np.array_equal(jax.tree.leaves(first.params)[0], jax.tree.leaves(second.params)[0])
 
@@ -318,12 +333,12 @@ def test_runs_of_other_seeds_reuse_the_traced_train_step(tiny_config, tmp_path):
     ('/w/distilled/seed_0/', 'student', 'distilled/seed_0'), ('/tmp/mmkd_jax', 'student', 'student'),
     ('/s/runs/pix64-hidden-mse/seed_1', 'student', 'pix64-hidden-mse/seed_1')])
 def test_run_label_names_the_arm_and_seed(run_dir, role, label):
-  assert train.run_label(run_dir, role) == label
+  assert loop.run_label(run_dir, role) == label
 
 
 def test_resumed_run_drops_the_logged_steps_past_its_checkpoint(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   path.write_text(''.join(json.dumps({'step': step, 'loss': 1.0}) + '\n' for step in (10, 20, 30, 40)))
-  train.drop_logged_steps_after(str(path), 20)
+  writer.drop_logged_steps_after(str(path), 20)
   assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [10, 20]
-  train.drop_logged_steps_after(str(tmp_path / 'absent.jsonl'), 20)  # a run that logged nothing yet
+  writer.drop_logged_steps_after(str(tmp_path / 'absent.jsonl'), 20)  # a run that logged nothing yet

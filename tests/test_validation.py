@@ -161,7 +161,7 @@ def test_missing_teacher_checkpoint(tiny_config, tmp_path):
 def test_teacher_trained_on_other_modalities_or_shapes(tiny_config, tmp_path):
   teacher_dir = tmp_path / 'teacher'
   (teacher_dir / 'checkpoints' / '6').mkdir(parents=True)
-  fingerprint = train.run_fingerprint(tiny_config, 'teacher', 0, distilled=False)
+  fingerprint = train.arm_fingerprint(tiny_config, 'teacher', (0,), distilled=False)
   checkpoint.claim_run_dir(str(teacher_dir), fingerprint, overwrite=False)
   tiny_config.distill.teacher_dir = str(teacher_dir)
   train.check_teacher_dir(tiny_config, str(teacher_dir))  # the same config passes

@@ -64,19 +64,10 @@ def _take(arrays: Batch, rows: np.ndarray) -> Batch:
   return {key: value[rows] for key, value in arrays.items()}
 
 
-def train_iterator(builder: tfds.core.DatasetBuilder, modalities: Sequence[str],
-                   batch_size: int, seed: int, *, split: str = 'train', shard_index: int = 0,
-                   shard_count: int = 1, row_fields: Batch | None = None) -> grain.DatasetIterator:
-  """Endless training batches, reshuffled every epoch from `seed`; resumable via get_state.
-
-  Each epoch is a permutation of the split cut into global batches of
-  `batch_size * shard_count` examples (the remainder is dropped); shard `shard_index` gets
-  its `batch_size` slice of each, so shards are disjoint within an epoch. `row_fields` are
-  more per-example arrays of the split in source order (e.g. the teacher's cached outputs),
-  batched with the rest.
-  """
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
+def train_arrays(builder: tfds.core.DatasetBuilder, modalities: Sequence[str], *, split: str = 'train',
+                 row_fields: Batch | None = None) -> Batch:
+  """Every training field of `split` in source order: `_read_split`'s and the `row_fields` (more
+  per-example arrays, e.g. the teacher's cached outputs)."""
   arrays = _read_split(builder, split, modalities)
   n = len(arrays['label'])
   for key, value in (row_fields or {}).items():
@@ -84,21 +75,43 @@ def train_iterator(builder: tfds.core.DatasetBuilder, modalities: Sequence[str],
       raise ValueError(f'row field {key!r} has the name of a field of {split}')
     if len(value) != n:
       raise ValueError(f'row field {key!r} has {len(value)} rows; {split} has {n}')
-  arrays = {**arrays, **(row_fields or {})}
-  global_batch = batch_size * shard_count
+  return {**arrays, **(row_fields or {})}
+
+
+# One NumPy permutation per (split size, seed, epoch): grain's shuffle permutes index by index, ~2 ms a batch.
+@functools.lru_cache(maxsize=128)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng((seed, epoch)).permutation(n)
+
+
+def global_rows(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+  """The rows of the global batch of `step` (0-based): epochs are permutations of the `n` rows
+  from `seed`, cut into global batches (the remainder is dropped)."""
   batches_per_epoch = n // global_batch
   if not batches_per_epoch:
-    raise ConfigError(f'{split} has {n} examples, fewer than one global batch ({global_batch})')
+    raise ConfigError(f'the split has {n} examples, fewer than one global batch ({global_batch})')
+  epoch, index = divmod(step, batches_per_epoch)
+  return _permutation(n, seed, epoch)[index * global_batch:(index + 1) * global_batch]
 
-  # One NumPy permutation per epoch: grain's shuffle permutes index by index, ~2 ms a batch.
-  @functools.lru_cache(maxsize=1)
-  def permutation(epoch: int) -> np.ndarray:
-    return np.random.default_rng((seed, epoch)).permutation(n)
+
+def train_iterator(builder: tfds.core.DatasetBuilder, modalities: Sequence[str],
+                   batch_size: int, seed: int, *, split: str = 'train', shard_index: int = 0,
+                   shard_count: int = 1, row_fields: Batch | None = None) -> grain.DatasetIterator:
+  """Endless training batches, reshuffled every epoch from `seed`; resumable via get_state.
+
+  Step s is `global_rows(..., s)` of `batch_size * shard_count` examples; shard `shard_index`
+  gets its `batch_size` slice of each, so shards are disjoint within an epoch. `row_fields` as
+  in `train_arrays`.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
+  arrays = train_arrays(builder, modalities, split=split, row_fields=row_fields)
+  n, global_batch = len(arrays['label']), batch_size * shard_count
+  global_rows(n, global_batch, seed, 0)  # fails now, not at the first batch, on a split that is too small
 
   def batch(step: int) -> Batch:
-    epoch, index = divmod(step, batches_per_epoch)
-    first = index * global_batch + shard_index * batch_size
-    return _take(arrays, permutation(epoch)[first:first + batch_size])
+    rows = global_rows(n, global_batch, seed, step)
+    return _take(arrays, rows[shard_index * batch_size:(shard_index + 1) * batch_size])
 
   # Steps 0, 1, 2, ...: the iterator state is the next step, so a restored one resumes exactly.
   dataset = grain.MapDataset.range(sys.maxsize).map(batch)

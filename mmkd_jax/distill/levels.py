@@ -9,7 +9,7 @@ modality's token positions, so hidden states and attention rows line up by posit
 A level registers with `@LEVELS.register('name', cacheable=...)`. `cacheable=True` declares
 that each pair's teacher side depends on that example's teacher taps and mask alone (not on
 the student, nor on other examples of the batch): distilled runs may then compute it once per
-training example (`config.distill.cache_teacher`, `train.teacher_targets`). The default,
+training example (`config.distill.cache_teacher`, `step.teacher_targets`). The default,
 False, runs the teacher in every step, so a level that normalises over the batch never
 trains on stale targets.
 """

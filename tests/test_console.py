@@ -37,6 +37,6 @@ def test_default_console_has_the_jobs_lines_only_and_verbosity_gives_the_full_lo
   assert not [line for line in lines if re.match(r'[IWE]\d{4} ', line) or 'libtpu' in line or '%|' in line]
   assert len(lines) <= 40
 
-  verbose = _main(config, tmp_path / 'verbose', '--verbosity=1')
+  verbose = _main(config, tmp_path / 'verbose', '--config.job=teacher', '--verbosity=1')
   assert any(re.match(r'I\d{4} .*\] \[teacher\] step 3/6 loss', line) for line in verbose)
   assert any("backend 'cpu'" in line for line in verbose)

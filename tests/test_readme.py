@@ -30,6 +30,7 @@ def _first(value: str) -> str:
 # Config fields shrunk where a command's config has them: a value, or a function of the command's value
 # (else the config's). The study keeps its levels and methods, which must fit each other.
 TINY = {'train.num_steps': '4', 'train.warmup_steps': '1', 'report.seeds': _first, 'report.latency_repeats': '2',
+        'teacher.num_cross_layers': '1', 'student.num_layers': '1',  # compiling is most of a tiny run's time
         'study.seeds': _first, 'study.modalities': _first, 'study.widths': _first}
 TIMEOUT_S = 900
 
@@ -182,6 +183,7 @@ def test_prepare_replaces_budget_and_workdir_only_where_the_config_has_them(tmp_
   assert got[:3] == [sys.executable, '-m', 'mmkd_jax.main']
   assert got[3:] == ['--config=configs/distill.py', '--config.student.modality=zer', '--config.train.num_steps=4',
                      '--config.train.warmup_steps=1', '--config.report.seeds=0', '--config.report.latency_repeats=2',
+                     '--config.teacher.num_cross_layers=1', '--config.student.num_layers=1',
                      f'--workdir={tmp_path}']  # no study.seeds: configs/distill.py has no study
   study = prepare(('python', '-m', 'mmkd_jax.study', '--config=configs/study.py', '--config.study.widths=48,16'),
                   tmp_path, shrink=True)

@@ -333,18 +333,41 @@ def _check_guard(arm: Arm, manager: Any, step_now: int, windows: list, seen: dic
   return guard
 
 
+def population_label(names: Sequence[str]) -> str:
+  """One name for a population's progress lines: 'student/seed_{0,1,2}' for members 'student/seed_0', ..."""
+  if len(names) == 1:
+    return names[0]
+  prefix = os.path.commonprefix(list(names))
+  prefix = prefix[:prefix.rfind('seed_') + len('seed_')] if 'seed_' in prefix else ''
+  return f"{prefix}{{{','.join(n[len(prefix):] for n in names)}}}"
+
+
+def _progress_line(name: str, values: dict[str, float], dist: bool, step_now: int, num_steps: int, rate: float) -> str:
+  return (f'[{name}] step {step_now}/{num_steps} loss {values["loss"]:.4f}'
+          + (f' (task {values["task_loss"]:.4f})' if dist else '')
+          + (f' acc {values["accuracy"]:.3f}' if 'accuracy' in values else '')
+          + f' | {rate:.1f} steps/s | ETA {console.format_eta((num_steps - step_now) / rate)}')
+
+
 def _log(arm: Arm, writers: list, windows: list, step_now: int, num_steps: int, rate: float) -> None:
+  """Each member's window means to its writer (and, with --verbosity=1, the log); one console line
+  for the population: the means over its members still training."""
   means, _ = window_means(windows)
   skipped = to_host(arm.carry[1]['skipped'])
+  active = []
   for name, values, w, count in zip(arm.names, means, writers, skipped):
     if values is None:  # stopped before this window
       continue
     values['skipped_steps'] = int(count)
-    logging.info('[%s] step %d/%d loss %.4f%s%s | %.1f steps/s | ETA %s', name, step_now, num_steps, values['loss'],
-                 f" (task {values['task_loss']:.4f})" if arm.dist is not None else '',
-                 f" acc {values['accuracy']:.3f}" if 'accuracy' in values else '', rate,
-                 console.format_eta((num_steps - step_now) / rate))
+    active.append(values)
+    if len(arm.names) > 1:
+      logging.vlog(1, '%s', _progress_line(name, values, arm.dist is not None, step_now, num_steps, rate))
     w.write_train(step_now, values)
+  if active:
+    mean = {k: float(np.mean([v[k] for v in active])) for k in active[0]}
+    label = population_label(arm.names) + (f' ({len(active)} of {len(arm.names)} training)'
+                                            if len(active) < len(arm.names) else '')
+    logging.info('%s', _progress_line(label, mean, arm.dist is not None, step_now, num_steps, rate))
 
 
 def _validate(arm: Arm, writers: list, step_now: int) -> None:
@@ -441,7 +464,7 @@ def train_batches(arm: Arm, builder: Any, info: data.TaskInfo, seeds: Sequence[i
   arrays = pipeline.train_arrays(builder, modalities, row_fields=row_fields)
   size_mb = sum(v.nbytes for v in arrays.values()) / 2**20
   resident = size_mb <= config.train.device_data_max_mb
-  logging.info('training data: %.1f MiB, %s', size_mb, 'on the devices' if resident else 'gathered on the host')
+  logging.vlog(1, 'training data: %.1f MiB, %s', size_mb, 'on the devices' if resident else 'gathered on the host')
   return TrainBatches(arrays, seeds, config.train.batch_size, arm.mesh, resident)
 
 

@@ -127,3 +127,9 @@ def test_the_report_names_the_members_a_nan_stopped(tiny_config, tmp_path, monke
     assert json.load(f)['stopped_at_step'] == results['stopped_at_step']
   assert ('Stopped by a non-finite step (their results are of the best checkpoint before it): student/seed_1 at '
           'step 2, distilled/seed_1 at step 2.') in (tmp_path / 'work' / 'report.md').read_text()
+
+
+def test_a_population_has_one_progress_label():
+  assert loop.population_label(['student/seed_0', 'student/seed_1', 'student/seed_4']) == 'student/seed_{0,1,4}'
+  assert loop.population_label(['teacher']) == 'teacher'
+  assert loop.population_label(['a/seed_7']) == 'a/seed_7'

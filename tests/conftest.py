@@ -107,16 +107,3 @@ def poison_batches(step: int, member: int = 0) -> None:
 
   loop.TrainBatches.fetch = poisoned
 
-
-# Modules with the longest end-to-end runs, longest first. pytest-xdist's loadscope hands modules to
-# its workers in collection order, so starting these first keeps one long module from running alone
-# at the end while the other worker idles.
-LONG_MODULES = ('test_readme', 'test_sharding', 'test_preemption', 'test_mult_jobs', 'test_plugins', 'test_docs',
-                'test_train', 'test_study', 'test_arrays_data', 'test_metric_accumulation', 'test_population')
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  def rank(item: pytest.Item) -> int:
-    name = item.module.__name__.rpartition('.')[2] if item.module else ''
-    return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
-  items.sort(key=rank)

@@ -40,8 +40,6 @@ def test_page_has_the_walk_through():
                  '--config.distill.hparams.smooth_l1.delta=', 'python -m mmkd_jax.study', 'study.md'):
     assert needed in commands, needed
   assert '\n## Your own data\n' in text and 'TODO' not in text
-  for needed in ('np.savez(', '--config.data.name=arrays', 'own_study/study.md'):
-    assert needed in commands, needed
   assert '--config.train.num_steps=2' in with_budget(blocks[2])
 
 
@@ -57,6 +55,4 @@ def test_page_commands_run_as_written(tmp_path):
   assert 'hidden:smooth_l1:1.0' in result.stdout  # report.md, printed by the page
   table = (tmp_path / 'my_kd' / 'study' / 'study.md').read_text()
   assert '| distilled | fou | 32 | hidden | smooth_l1 |' in table and '| hidden | mse |' in table
-  own = (tmp_path / 'my_kd' / 'own_study' / 'study.md').read_text()
-  assert '| distilled | audio | 32 | hidden | smooth_l1 |' in own and '| teacher | text+audio+video |' in own
   assert not (ROOT / 'my_losses.py').exists()

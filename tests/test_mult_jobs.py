@@ -31,8 +31,8 @@ def _write_pickle(path, dataset: str, lengths: dict[str, int], seed: int = 0) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize('dataset, aligned, expected, job', [
-    ('mosi', False, 'mae', 'distill'),  # regression
-    ('mosei_senti', True, 'acc7', 'student'),  # regression too: its data and metrics, one arm
+    ('mosi', False, 'mae', 'student'),  # regression, one arm (a regression distill job: test_arrays_data)
+    ('mosei_senti', True, 'acc7', 'student'),  # regression too: its data and metrics
     ('iemocap', True, 'happy_f1', 'distill'),  # multilabel
 ])
 def test_each_mult_dataset_trains(tmp_path, dataset, aligned, expected, job):

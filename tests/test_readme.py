@@ -28,10 +28,11 @@ def _first(value: str) -> str:
 
 
 # Config fields shrunk where a command's config has them: a value, or a function of the command's value
-# (else the config's). The study keeps its levels and methods, which must fit each other.
+# (else the config's). The study keeps its methods and its first level (a method that does not fit it is
+# skipped with a note, as in any grid).
 TINY = {'train.num_steps': '4', 'train.warmup_steps': '1', 'report.seeds': _first, 'report.latency_repeats': '2',
         'teacher.num_cross_layers': '1', 'student.num_layers': '1',  # compiling is most of a tiny run's time
-        'study.seeds': _first, 'study.modalities': _first, 'study.widths': _first}
+        'study.seeds': _first, 'study.modalities': _first, 'study.widths': _first, 'study.levels': _first}
 TIMEOUT_S = 900
 
 
@@ -187,8 +188,9 @@ def test_prepare_replaces_budget_and_workdir_only_where_the_config_has_them(tmp_
                      f'--workdir={tmp_path}']  # no study.seeds: configs/distill.py has no study
   study = prepare(('python', '-m', 'mmkd_jax.study', '--config=configs/study.py', '--config.study.widths=48,16'),
                   tmp_path, shrink=True)
-  assert {'--config.study.seeds=0', '--config.study.modalities=fou', '--config.study.widths=48'} <= set(study)
-  assert not any(a.startswith(('--config.study.levels', '--config.study.methods')) for a in study)
+  assert {'--config.study.seeds=0', '--config.study.modalities=fou', '--config.study.widths=48',
+          '--config.study.levels=logits'} <= set(study)
+  assert not any(a.startswith('--config.study.methods') for a in study)
   with pytest.raises(ValueError, match='no rule'):
     prepare(('bash', 'launch/local_multiprocess.sh'), tmp_path, shrink=True)
 

@@ -15,7 +15,7 @@ def test_merging_keeps_each_runs_metric_names_over_many_metric_sets():
   With one `clu.metrics.Collection.create` class per set, jit's cache (keyed on a tree structure
   whose equality ignores the dataclass type) returned other sets' classes for a few percent of them.
   """
-  for i in range(150):
+  for i in range(300):
     values = {'loss': jnp.float32(i), f'distill_level{i}_method': jnp.float32(2.0)}
     merged = step.merge_metrics(step.step_metrics(values), step.step_metrics(values))
     assert sorted(merged) == sorted(values), i

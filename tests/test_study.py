@@ -216,7 +216,8 @@ def test_exported_student_runs_on_a_platform_it_was_exported_for(tmp_path):
     ({'study.plots': 'pie'}, "config.study.plots: unknown plot 'pie'; valid choices: heatmap, latency"),
     ({'study.max_runs': 4}, 'config.study.max_runs=4: the grid needs 5 training runs (3 cells x 1 seeds + 1 '
                             'baselines x 1 seeds + 1 teacher)'),
-    ({'study.max_minutes': 1.0}, 'config.study.max_minutes=1.0: the grid needs about 3 minutes (5 runs'),
+    ({'study.minutes_per_run': 0.6, 'study.max_minutes': 1.0},
+     'config.study.max_minutes=1.0: the grid needs about 3 minutes (5 runs'),
 ])
 def test_bad_grids_fail_before_training(config, tmp_path, overrides, message):
   for key, value in overrides.items():
@@ -240,7 +241,7 @@ def test_a_config_without_a_grid_is_refused(tmp_path):
 
 
 def test_shipped_configs_fit_their_budget(tmp_path):
-  for module, runs in ((study_config, 25), (study_full, 741)):
+  for module, runs in ((study_config, 61), (study_full, 741)):
     config = module.get_config()
     config.data.data_dir = str(tmp_path)
     grid = study.plan(config, data.task_info(data.load_builder(config.data)))

@@ -53,7 +53,7 @@ def build(config: ml_collections.ConfigDict, info: Any, *, teacher: Any, student
       raise ValueError(f'reference on {row["inputs"]} was fitted with seeds {row["seeds"]}, the report has {seeds}')
   # Members a non-finite step stopped (config.train.skip_nonfinite=False): their best checkpoint predates it.
   stopped = {f'{arm}/seed_{seed}': run.stopped_at for arm, runs in (('student', students), ('distilled', distilled))
-             for seed, run in zip(seeds, runs) if getattr(run, 'stopped_at', None) is not None}
+             for seed, run in zip(seeds, runs) if run.stopped_at is not None}
   if stopped:
     results['stopped_at_step'] = stopped
   own = [r for r in references if r['of'] == 'student' and r['inputs'] == config.student.modality]

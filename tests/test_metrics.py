@@ -138,7 +138,7 @@ def test_report_names_the_modalities_and_says_which_gains_are_better_lower():
       'data': {'name': 'mosi'}, 'teacher': {'modalities': 'text,audio,vision'}, 'student': {'modality': 'audio'},
       'distill': {'terms': 'hidden:mse:1.0'}, 'report': {'seeds': '0,1', 'interval': 'auto', 'latency_batch_size': 8},
       'train': {'num_steps': 10}})
-  run = lambda mae, corr: SimpleNamespace(test={'mae': mae, 'corr': corr}, num_params=10)
+  run = lambda mae, corr: SimpleNamespace(test={'mae': mae, 'corr': corr}, num_params=10, stopped_at=None)
   results = report.build(config, SimpleNamespace(task='regression'), teacher=run(0.5, 0.9),
                          students=[run(1.0, 0.2), run(0.8, 0.4)], distilled=[run(0.7, 0.5), run(0.7, 0.3)],
                          teacher_latency=0.002, student_latency=0.001)

@@ -22,7 +22,7 @@ def _config(seeds: str, interval: str = 'auto') -> ml_collections.ConfigDict:
 
 
 def _run(accuracy: float) -> SimpleNamespace:
-  return SimpleNamespace(test={'accuracy': accuracy, 'macro_f1': accuracy - 0.01}, num_params=10)
+  return SimpleNamespace(test={'accuracy': accuracy, 'macro_f1': accuracy - 0.01}, num_params=10, stopped_at=None)
 
 
 def _reference(inputs: str, of: str, accuracies: list[float], seeds: list[int]) -> dict:

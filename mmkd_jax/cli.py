@@ -100,12 +100,22 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:  # e.g. --config.train.num_steps=abc
-    fail(str(error))
+    fail(str(_innermost_config_error(error) or error))
   except Exception:  # config_flags raises AttributeError, KeyError, ... depending on the fault
     reason = explain_override_error(argv, path, argument) if spec is not None else None
     if reason is None:
       raise
     fail(reason)
+
+
+def _innermost_config_error(error: BaseException) -> ConfigError | None:
+  """The ConfigError a config file's get_config raised, which config_flags wraps with its traceback."""
+  found = None
+  while error is not None:
+    if isinstance(error, ConfigError):
+      found = error
+    error = error.__cause__ or error.__context__
+  return found
 
 
 @contextlib.contextmanager

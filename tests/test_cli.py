@@ -29,7 +29,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
      "config.report.seeds='0,0': expected distinct comma-separated integers"),
     (('mmkd_jax.study', '--config=configs/study.py', '--config.study.nope=1'),
      "--config.study.nope: config.study has no key 'nope' in configs/study.py"),
-], ids=['missing-file', 'unknown-key', 'bad-value', 'config-check', 'study-unknown-key'])
+    (('mmkd_jax.main', '--config=configs/arrays.py:big'),
+     "configs/arrays.py:big is unknown; valid choices: 'tiny' or nothing"),
+], ids=['missing-file', 'unknown-key', 'bad-value', 'config-check', 'study-unknown-key', 'config-argument'])
 def test_bad_command_line_is_one_line_on_stderr(args, message, tmp_path):
   result = _run(*args, f'--workdir={tmp_path / "work"}')
   assert result.returncode == 2, result.stderr

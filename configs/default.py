@@ -41,9 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.student = ml_collections.ConfigDict()
   # The one modality the student sees (the weak Fourier view by default).
   config.student.modality = 'fou'
-  # The teacher's width (46% of its parameters: one stream, no cross-attention). At width 32 the
-  # baseline's mean over seeds 0-9 stays below the logistic regression on fou (0.815 against 0.817),
-  # at 64 above it (0.826); docs/mfeat_defaults.md.
+  # The teacher's width (46% of its parameters: one stream, no cross-attention): its baseline scores
+  # above the width-32 one (docs/study.md's table, next to the logistic regression on fou).
   config.student.width = 64
   config.student.num_heads = 4
   config.student.mlp_ratio = 4
@@ -108,8 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   # population in one compiled program (False: one run after another, as separate programs).
   config.train.population = True
   # Train steps per compiled call (a scan over batches fetched ahead); a call also ends at each
-  # log / eval boundary. On 2 CPU cores one seed's student arm ran 148 steps/s with 10, 152 with 50
-  # and 113 with 1 (benchmarks/throughput.py, one sitting).
+  # log / eval boundary. 1 dispatches (and reads the non-finite flag back) every step; time other values
+  # with `python benchmarks/throughput.py --config.train.steps_per_call=K`.
   config.train.steps_per_call = 10
   # Keep the training split on the devices and gather batches there when it needs at most this many
   # MiB (with the teacher's cached targets); above it, batches are gathered on the host.
@@ -142,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   # step then spreads each model over the cores. The global batch must divide evenly.
   config.host.cpu_devices = 0
   # Where CPU computations run: 'sync' (on the calling thread), 'async' (on worker threads) or 'auto'
-  # (sync with one CPU device, async with several: the faster of the two in benchmarks/README.md).
+  # (sync with one CPU device, async with several, so that the devices' computations overlap).
   config.host.cpu_dispatch = 'auto'
   # Let glibc malloc keep freed memory, so that each step's large scratch buffer is not mapped and
   # page-faulted in again every step (see mmkd_jax/runtime.py).

@@ -3,7 +3,7 @@
 Fourier-view students at the teacher's width and at half of it, distilled at the logits and
 the hidden states with KL, MSE and contrastive losses, five seeds each (the report's, so every gain has
 a 95% interval): 5 cells per student (KL on hidden states is skipped), 61 training runs of 400 steps,
-each arm's seeds trained as one population: 2.5 minutes on 2 CPU cores (docs/study.md).
+each arm's seeds trained as one population: under 2 minutes on 2 CPU cores (docs/study.md).
 Run: python -m mmkd_jax.study --config=configs/study.py --workdir=/tmp/mmkd_study
 """
 import ml_collections
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (cells x seeds + baselines x seeds + 1 teacher, finished or not) ...
   config.study.max_runs = 61
   # ... and at most max_minutes of estimated time at minutes_per_run (measured on 2 CPU cores at this
-  # config's num_steps with config.train.population on: 61 runs in 2.5 minutes; raise it for sequential
+  # config's num_steps with config.train.population on: 61 runs in 102-110 s; raise it for sequential
   # runs, and scale it with config.train.num_steps when you change those).
   config.study.minutes_per_run = 0.05
   config.study.max_minutes = 10.0

@@ -35,7 +35,7 @@ def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
 
   Orbax by default splits every replicated array among the devices holding a copy, so that
   the hosts of a pod share the writing; within one process that only adds an eager slice per
-  device and array (12-14 s of the tests' 65-s tiny distill job on 8 CPU devices, benchmarks/README.md).
+  device and array, which adds up over the many small arrays of a run on several CPU devices.
   """
   arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
   others = [t for t in ocp.type_handlers.supported_types() if t is not jax.Array]

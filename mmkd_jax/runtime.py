@@ -1,16 +1,16 @@
 """Host runtime settings that must be made before JAX starts its backends: malloc, CPU devices
 and dispatch (`config.host`), and jax.distributed (`config.distributed`).
 
-Measured on a 2-core CPU (benchmarks/README.md): with JAX's defaults every train step
-runs on a worker thread, whose glibc arena cannot keep the step's large scratch buffer
-(the benchmark teacher's is 109 MB), so malloc maps and unmaps it each step and the
-step page-faults it back in: 27k page faults, about 40% of the teacher's step time.
+With JAX's defaults every train step runs on a worker thread, whose glibc arena cannot keep
+the step's large scratch buffer (the benchmark teacher's is 109 MB), so malloc maps and unmaps
+it each step and the step page-faults it back in (`benchmarks/bench.py --host_tuning 0` times
+the defaults).
 Running the computation on the calling thread (main arena) and letting malloc keep freed
 memory removes the faults. `config.host.cpu_devices` splits the CPU into several JAX
 devices, so that the data-parallel step also spreads one model's work over the cores.
-`config.host.compilation_cache_dir` keeps compiled programs on disk: a default-job run
-compiles its train step in 4-9 s on 2 CPU cores, and the runs of other seeds, a re-run of the
-job and the study's cells compile exactly the same programs again.
+`config.host.compilation_cache_dir` keeps compiled programs on disk: compiling a train step takes
+seconds on a CPU, and a re-run of the job and the study's cells compile exactly the same programs
+again.
 """
 import ctypes
 import ctypes.util

@@ -97,7 +97,7 @@ def data_parallel_apply(model: nn.Module, mesh: Mesh) -> Callable:
   sharded `apply` gives them, and losses over them keep their global-batch meaning. What
   changes is the backward pass: the flat vector's gradient is summed over the 'data' axis by
   one all-reduce, where a plain sharded apply all-reduces every parameter array apart (on
-  CPU one rendezvous each; benchmarks/README.md has the measurement). The batch gains
+  CPU one rendezvous each). The batch gains
   'example_index' (position in the global batch), which keys dropout masks, so they do not
   depend on the device count. With one device on the data axis it is plain `model.apply`; with
   Flax's layers (`model.kernels`, the GPU/TPU path) it is a plain sharded `apply`, whose gradient
